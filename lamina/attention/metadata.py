@@ -1,0 +1,77 @@
+"""What attention needs to know about one batched forward step over a paged KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout of the flat token batch.
+
+    Tokens of all sequences are concatenated in one dimension. Sequence i contributes
+    `query_lens[i]` new tokens starting at `query_starts[i]`; after this step its cache holds
+    `context_lens[i]` tokens (earlier ones included). New K/V go to `slot_mapping` (flat slot =
+    block * block_size + offset); all of a sequence's K/V are read through `block_tables[i]`.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
+    query_lens: list[int]
+    context_lens: list[int]
+    query_starts: list[int]
+    block_size: int
+    # Indices (into the batch) of decode sequences (query_len == 1) and of the others.
+    decode_ids: list[int]
+    prefill_ids: list[int]
+    # For the batched decode path: [n_decode, 1, 1, max_ctx] bool, True where a key is visible.
+    decode_mask: torch.Tensor | None = None
+    decode_block_tables: torch.Tensor | None = None
+    decode_max_ctx: int = 0
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @staticmethod
+    def build(
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Derive slot mapping, padded block tables and the decode mask from per-sequence facts."""
+        slots: list[int] = []
+        starts: list[int] = []
+        pos = 0
+        for qlen, ctx, table in zip(query_lens, context_lens, block_tables):
+            starts.append(pos)
+            pos += qlen
+            for p in range(ctx - qlen, ctx):
+                slots.append(table[p // block_size] * block_size + p % block_size)
+        width = max((len(t) for t in block_tables), default=1) or 1
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        decode_ids = [i for i, q in enumerate(query_lens) if q == 1]
+        prefill_ids = [i for i, q in enumerate(query_lens) if q != 1]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int64, device=device),
+            query_lens=query_lens,
+            context_lens=context_lens,
+            query_starts=starts,
+            block_size=block_size,
+            decode_ids=decode_ids,
+            prefill_ids=prefill_ids,
+        )
+        if decode_ids:
+            ctx = torch.tensor([context_lens[i] for i in decode_ids], device=device)
+            max_ctx = int(ctx.max())
+            nblocks = -(-max_ctx // block_size)
+            meta.decode_max_ctx = max_ctx
+            meta.decode_block_tables = meta.block_tables[decode_ids][:, :nblocks]
+            keys = torch.arange(max_ctx, device=device)
+            meta.decode_mask = (keys[None, :] < ctx[:, None])[:, None, None, :]
+        return meta

@@ -1,0 +1,1 @@
+"""The serving loop: sequences, scheduler, model runner, sampler, engine."""

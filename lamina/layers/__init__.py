@@ -1,0 +1,1 @@
+"""Building blocks of the LLaMA decoder layer: linear, norm, rotary, activation, attention."""

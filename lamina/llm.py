@@ -1,0 +1,130 @@
+"""The offline API, named like vLLM's so users' code carries over:
+
+    llm = LLM("path/to/model-or.gguf")
+    outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+    print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from lamina.config import CacheConfig, SchedulerConfig
+from lamina.engine.llm_engine import LLMEngine
+from lamina.loading.loader import load_model
+from lamina.outputs import RequestOutput
+from lamina.sampling_params import SamplingParams
+
+PromptType = Union[str, list[int], dict[str, Any]]
+
+
+class LLM:
+    """Load a model and generate from batches of prompts through the continuous-batching engine.
+
+    model: a Hugging Face folder, a .gguf file, or None for the default SmolLM2 GGUF.
+    dtype: "auto" (float32), "float32", "bfloat16" or "float16".
+    block_size / num_kv_blocks / kv_cache_bytes: paged KV cache geometry and budget.
+    max_model_len: longest sequence (prompt + output); defaults to the model's trained context.
+    """
+
+    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto",
+                 block_size: int = 16, num_kv_blocks: int | None = None,
+                 kv_cache_bytes: int = 256 * 1024 * 1024, max_model_len: int | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048) -> None:
+        loaded = load_model(model, dtype)
+        max_len = max_model_len or loaded.config.max_position_embeddings
+        self.engine = LLMEngine(
+            loaded,
+            CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
+                        kv_cache_bytes=kv_cache_bytes),
+            SchedulerConfig(max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max(max_num_batched_tokens, 1),
+                            max_model_len=max_len),
+        )
+        self.tokenizer = loaded.tokenizer
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):  # noqa: ANN201 - vLLM name
+        return self.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of the prompts."""
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
+                  else list(sampling_params))
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        order: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, _prompt_input(prompt), p)
+                order.append(rid)
+            return self._run(order, use_tqdm)
+        except BaseException:
+            for rid in order:
+                self.engine.abort(rid)
+            raise
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, chat_template: str | None = None
+             ) -> list[RequestOutput]:
+        """Apply the chat template to one conversation (or a list of them) and generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            {"prompt_token_ids": self.tokenizer.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt, tokenize=True,
+                chat_template=chat_template)}
+            for conv in convs
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)  # type: ignore[arg-type]
+
+    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        stats = self.engine.stats
+        p0, g0 = stats.prompt_tokens, stats.generation_tokens
+        t0 = stats.step_seconds
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+            elapsed = max(stats.step_seconds - t0, 1e-9)
+            bar.set_postfix_str(
+                f"input: {(stats.prompt_tokens - p0) / elapsed:.1f} tok/s, "
+                f"output: {(stats.generation_tokens - g0) / elapsed:.1f} tok/s", refresh=False)
+        bar.close()
+        return [done[rid] for rid in order]
+
+
+def _prompt_input(prompt: PromptType) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return str(prompt["prompt"])
+        raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return prompt
+    raise ValueError(
+        f"unsupported prompt {type(prompt).__name__}; give a string, a list of token ids, "
+        "or a dict with 'prompt' / 'prompt_token_ids'"
+    )

@@ -1,0 +1,1 @@
+"""Checkpoint loading: Hugging Face folders and GGUF files, plus the default model."""

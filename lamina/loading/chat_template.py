@@ -1,0 +1,174 @@
+"""Chat templates: pick one and render it the way transformers does.
+
+Models ship their prompt format as a Jinja template; any difference from transformers' rendering
+(whitespace trimming, `tojson`, the helper globals) changes the prompt and so the model's output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Names a message's reasoning may come under; transformers copies one to the others so a template
+# reading any of them sees it.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def normalize_templates(value: Any) -> dict[str, str]:
+    """`{name: template}` from a string or from the `[{name, template}, ...]` list form."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return {str(item["name"]): str(item["template"]) for item in value}
+    raise ValueError(f"A chat template must be a string or a list of {{name, template}}; got {value!r}.")
+
+
+def select_template(
+    templates: Mapping[str, str], chat_template: str | None = None, tools: Any = None
+) -> str:
+    """The template to render: an explicit one (or its name), else "tool_use"/"default" as in HF."""
+    if chat_template is not None:
+        return templates.get(chat_template, chat_template)
+    if tools is not None and "tool_use" in templates:
+        return templates["tool_use"]
+    if "default" in templates:
+        return templates["default"]
+    if not templates:
+        raise ValueError(
+            "This model has no chat template, so a conversation cannot be turned into a prompt. "
+            "Pass one with apply_chat_template(..., chat_template=JINJA_STRING), or set "
+            "Tokenizer.chat_template, or encode a plain prompt instead."
+        )
+    raise ValueError(
+        "This model has several chat templates and none is named 'default'; pass "
+        f"chat_template=NAME, one of {sorted(templates)}."
+    )
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text in HF templates; we only
+    need the text, so the block renders its body unchanged (without it such templates fail)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+    def _render(self, caller: Any) -> str:
+        return caller()
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace()` that refuses underscore names, closing a sandbox escape (as in HF)."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - Jinja's own signature trick
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+
+class _TemplateDict:
+    """`dict(...)` for templates without handing them the `dict` class itself (as in HF)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+        return dict.fromkeys(*args, **kwargs)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own tojson escapes HTML characters, which would change the prompt.
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def compile_template(source: str) -> jinja2.Template:
+    """Compile once per template string; the environment matches transformers'."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    return env.from_string(source)
+
+
+def _prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies with None-valued keys dropped and reasoning aliased, as transformers passes them."""
+    out = []
+    for message in messages:
+        if not isinstance(message, Mapping):
+            raise TypeError(f"Chat messages must be dicts, got {message!r}.")
+        msg = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((msg[k] for k in _REASONING_FIELDS if msg.get(k) is not None), None)
+        if reasoning is not None:
+            msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
+        out.append(msg)
+    return out
+
+
+def render_chat_template(
+    source: str,
+    messages: list[dict[str, Any]],
+    *,
+    add_generation_prompt: bool,
+    special_tokens: Mapping[str, str],
+    tools: list[dict[str, Any]] | None = None,
+    documents: list[dict[str, Any]] | None = None,
+    **template_kwargs: Any,
+) -> str:
+    """Render `source` for one conversation; extra kwargs override the special-token names."""
+    if not messages:
+        raise ValueError("Cannot apply a chat template to an empty conversation.")
+    variables = {**special_tokens, **template_kwargs}
+    return compile_template(source).render(
+        messages=_prepare_messages(messages),
+        tools=tools,
+        documents=documents,
+        add_generation_prompt=add_generation_prompt,
+        **variables,
+    )

@@ -1,0 +1,55 @@
+"""Build a ready model (weights, config, tokenizer, generation defaults) from a checkpoint path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lamina.config import ModelConfig, parse_dtype
+from lamina.loading import gguf as gguf_loading
+from lamina.loading import hf
+from lamina.loading.resolve import resolve_model
+from lamina.loading.tokenizer import Tokenizer
+from lamina.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(model: str | Path | None = None, dtype: str | torch.dtype | None = "auto"
+               ) -> LoadedModel:
+    """Load a Hugging Face folder or a GGUF file (None: the default SmolLM2 GGUF).
+
+    dtype "auto" is float32: on CPU, float32 matrix-vector products are faster than bfloat16
+    (see PEERS.md) and GGUF weights are dequantized anyway.
+    """
+    path = resolve_model(model)
+    torch_dtype = parse_dtype(dtype)
+    if path.is_dir():
+        config = hf.load_hf_config(path)
+        tokenizer = Tokenizer.from_hf_folder(path)
+        net = LlamaForCausalLM(config, torch_dtype)
+        net.load_weights(hf.iter_safetensors(path))
+        gen = hf.load_generation_config(path)
+    else:
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf; pass a .gguf file or a folder")
+        reader = gguf_loading.open_gguf(path)
+        config = gguf_loading.gguf_config(reader)
+        tokenizer = Tokenizer.from_gguf(reader)
+        net = LlamaForCausalLM(config, torch_dtype)
+        net.load_weights(gguf_loading.iter_gguf_tensors(reader, config, torch_dtype))
+        gen = {}
+        del reader
+    net.eval()
+    return LoadedModel(path=path, config=config, model=net, tokenizer=tokenizer,
+                       generation_config=gen)

@@ -1,0 +1,1 @@
+"""Model definitions. One class covers the LLaMA family through config switches."""

