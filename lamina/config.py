@@ -227,7 +227,7 @@ class CacheConfig:
 
     block_size: int = 16
     num_blocks: int | None = None  # explicit count wins over the byte budget
-    kv_cache_bytes: int = 256 * 1024 * 1024
+    kv_cache_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from lamina.config import CacheConfig, SchedulerConfig
 from lamina.engine.llm_engine import LLMEngine
+from lamina.kv.cache import num_blocks_for
 from lamina.loading.loader import load_model
 from lamina.outputs import RequestOutput
 from lamina.sampling_params import SamplingParams
@@ -30,19 +31,23 @@ class LLM:
     model: a Hugging Face folder, a .gguf file, or None for the default SmolLM2 GGUF.
     dtype: "auto" (float32), "float32", "bfloat16" or "float16".
     block_size / num_kv_blocks / kv_cache_bytes: paged KV cache geometry and budget.
-    max_model_len: longest sequence (prompt + output); defaults to the model's trained context.
+    max_model_len: longest sequence (prompt + output); defaults to the model's trained context,
+        or to what the KV cache holds if that is less.
     """
 
     def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto",
                  block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_bytes: int = 256 * 1024 * 1024, max_model_len: int | None = None,
+                 kv_cache_bytes: int = 1 << 30, max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048) -> None:
         loaded = load_model(model, dtype)
-        max_len = max_model_len or loaded.config.max_position_embeddings
+        cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
+                            kv_cache_bytes=kv_cache_bytes)
+        max_len = max_model_len or min(
+            loaded.config.max_position_embeddings,
+            num_blocks_for(loaded.config, cache, loaded.model.dtype) * block_size)
         self.engine = LLMEngine(
             loaded,
-            CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
-                        kv_cache_bytes=kv_cache_bytes),
+            cache,
             SchedulerConfig(max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max(max_num_batched_tokens, 1),
                             max_model_len=max_len),

@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -32,7 +33,23 @@ def normalize_templates(value: Any) -> dict[str, str]:
         return {str(k): str(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return {str(item["name"]): str(item["template"]) for item in value}
-    raise ValueError(f"A chat template must be a string or a list of {{name, template}}; got {value!r}.")
+    raise ValueError(
+        f"A chat template must be a string or a list of {{name, template}}; got {value!r}."
+    )
+
+
+def folder_templates(folder: Path, config_value: Any) -> dict[str, str]:
+    """A HF folder's templates: chat_template.jinja / chat_template.json and
+    additional_chat_templates/*.jinja win over tokenizer_config.json's entry, as in HF."""
+    files = {}
+    if (folder / "chat_template.json").is_file():
+        data = json.loads((folder / "chat_template.json").read_text(encoding="utf-8"))
+        files["default"] = data["chat_template"]
+    if (folder / "chat_template.jinja").is_file():
+        files["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    for extra in sorted((folder / "additional_chat_templates").glob("*.jinja")):
+        files[extra.stem] = extra.read_text(encoding="utf-8")
+    return normalize_templates(files or config_value)
 
 
 def select_template(

@@ -9,7 +9,6 @@ and BOS/EOS post-processing.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,15 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from lamina.loading.chat_template import normalize_templates, render_chat_template, select_template
+from lamina.loading.chat_template import (
+    folder_templates,
+    normalize_templates,
+    render_chat_template,
+    select_template,
+)
 from lamina.loading.detokenizer import IncrementalDetokenizer
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer"]
-
-logger = logging.getLogger(__name__)
 
 _NO_LIMIT = int(1e29)  # transformers writes int(1e30) as model_max_length when it is unknown
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -56,16 +58,14 @@ _GPT4O_SPLIT = (
 # "smollm") gets the GPT-2 regex built into ByteLevel, which is also what transformers does.
 _PRE_SPLITS = {
     **dict.fromkeys(
-        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-         "jina-v5-nano", "dbrx", "smaug-bpe"),
+        "llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano dbrx "
+        "smaug-bpe".split(),
         _LLAMA3_SPLIT,
     ),
-    **dict.fromkeys(
-        ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT
-    ),
+    **dict.fromkeys("qwen2 deepseek-r1-qwen kormo f2llmv2 megrez".split(), _QWEN2_SPLIT),
     "qwen35": _QWEN35_SPLIT,
     "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
+    **dict.fromkeys("gpt-4o llama4 kanana2 talkie minimax-m2".split(), _GPT4O_SPLIT),
 }
 _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
@@ -115,20 +115,23 @@ def _byte_level_backend(
         for i, t in enumerate(tokens)
     }
     if merges is None:
-        raise ValueError("This GGUF has a byte-level (gpt2) vocabulary but no tokenizer.ggml.merges.")
-    model = BPE(
-        vocab=vocab, merges=_file_merges(merges), dropout=None, continuing_subword_prefix="",
-        end_of_word_suffix="", fuse_unk=False,
+        raise ValueError(
+            "This GGUF has a byte-level (gpt2) vocabulary but no tokenizer.ggml.merges."
+        )
+    pairs = _file_merges(merges)
+    backend = tokenizers.Tokenizer(
+        BPE(vocab, pairs, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
     )
-    backend = tokenizers.Tokenizer(model)
     split = _PRE_SPLITS.get(pre or "")
     if split is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     backend.decoder = decoders.ByteLevel()
     return backend, ["<|endoftext|>"]  # GPT2Tokenizer's default bos/eos/unk
 
@@ -153,16 +156,16 @@ def _sentencepiece_backend(
         pairs = _generate_merges(vocab, by_score)
     replace_space = decoders.Replace("\u2581", " ")
     if gemma:
-        model = BPE(vocab=vocab, merges=pairs, fuse_unk=True, unk_token="<unk>", dropout=None,
-                    byte_fallback=True)
-        backend = tokenizers.Tokenizer(model)
+        backend = tokenizers.Tokenizer(
+            BPE(vocab, pairs, unk_token="<unk>", fuse_unk=True, byte_fallback=True)
+        )
         backend.normalizer = normalizers.Replace(" ", "\u2581")
         backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-        backend.decoder = decoders.Sequence([replace_space, decoders.ByteFallback(), decoders.Fuse()])
+        backend.decoder = decoders.Sequence(
+            [replace_space, decoders.ByteFallback(), decoders.Fuse()]
+        )
         return backend, ["<bos>", "<eos>", "<unk>", "<pad>", "<mask>"]
-    backend = tokenizers.Tokenizer(
-        BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True, dropout=None)
-    )
+    backend = tokenizers.Tokenizer(BPE(vocab, pairs, fuse_unk=True, byte_fallback=True))
     if arch == "phi3":  # the prefix space comes from a normalizer, not from Metaspace
         backend.normalizer = normalizers.Sequence(
             [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
@@ -171,15 +174,14 @@ def _sentencepiece_backend(
         backend.pre_tokenizer = pre_tokenizers.Metaspace(
             replacement="\u2581", prepend_scheme="first", split=False
         )
-    backend.decoder = decoders.Sequence([
-        replace_space, decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)
-    ])
+    backend.decoder = decoders.Sequence(
+        [replace_space, decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     return backend, ["<s>", "</s>", "<unk>"]
 
 
 def _template_processor(
-    bos: str | None, bos_id: int | None, eos: str | None, eos_id: int | None,
-    add_bos: bool, add_eos: bool,
+    bos: Any, bos_id: Any, eos: Any, eos_id: Any, add_bos: bool, add_eos: bool
 ) -> processors.TemplateProcessing:
     """The post-processor transformers' `update_post_processor` writes, so saved files match."""
     single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
@@ -264,15 +266,21 @@ class Tokenizer:
     @property
     def special_tokens(self) -> dict[str, str]:
         """The named special tokens, as chat templates see them."""
-        named = {"bos_token": self.bos_token, "eos_token": self.eos_token,
-                 "unk_token": self.unk_token, "pad_token": self.pad_token}
+        named = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": self.pad_token,
+        }
         return {k: v for k, v in named.items() if v is not None}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written literally in it are matched."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = True
+    ) -> list[list[int]]:
         """Like encode, for many texts at once (tokenizers parallelizes this)."""
         encs = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return [e.ids for e in encs]
@@ -301,8 +309,12 @@ class Tokenizer:
         write their own special tokens (as transformers does)."""
         source = select_template(self.chat_templates, chat_template, tools)
         text = render_chat_template(
-            source, messages, add_generation_prompt=add_generation_prompt,
-            special_tokens=self.special_tokens, tools=tools, **template_kwargs,
+            source,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens,
+            tools=tools,
+            **template_kwargs,
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
@@ -355,21 +367,14 @@ class Tokenizer:
         generation = _read_json(folder / "generation_config.json")
         names = ("bos_token", "eos_token", "pad_token", "unk_token")
         special = {n: _token_content(config.get(n, token_map.get(n))) for n in names}
-        templates = normalize_templates(config.get("chat_template"))
-        files = {}
-        if (folder / "chat_template.json").is_file():
-            files["default"] = _read_json(folder / "chat_template.json")["chat_template"]
-        if (folder / "chat_template.jinja").is_file():
-            files["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        for extra in sorted((folder / "additional_chat_templates").glob("*.jinja")):
-            files[extra.stem] = extra.read_text(encoding="utf-8")
-        if files:  # separate template files win over the config's entry, as in HF
-            templates = normalize_templates(files)
+        templates = folder_templates(folder, config.get("chat_template"))
         limit = config.get("model_max_length")
         stops = generation.get("eos_token_id", [])
         stops = [stops] if isinstance(stops, int) else list(stops)
         tok = cls(
-            backend, **special, chat_template=templates,
+            backend,
+            **special,
+            chat_template=templates,
             model_max_length=limit if isinstance(limit, int) and limit < _NO_LIMIT else None,
             stop_token_ids=stops,
         )
@@ -396,7 +401,9 @@ class Tokenizer:
         types: list[int] = field("tokenizer.ggml.token_type") or []
         merges: list[str] | None = field("tokenizer.ggml.merges")
         if kind == "gpt2":
-            backend, class_specials = _byte_level_backend(tokens, merges, field("tokenizer.ggml.pre"))
+            backend, class_specials = _byte_level_backend(
+                tokens, merges, field("tokenizer.ggml.pre")
+            )
             alphabet = frozenset(_bytes_to_unicode().values())
         else:
             scores = field("tokenizer.ggml.scores")
@@ -406,23 +413,26 @@ class Tokenizer:
         # control tokens (in a byte-level file only if spelled in the byte alphabet; others are
         # llama.cpp mislabels), then the file's named tokens. transformers also appends class
         # defaults missing from the vocabulary as new ids; we skip those (the model has no row).
-        named_ids = {
-            name: field(f"tokenizer.ggml.{key}")
-            for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                              ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
-        }
+        keys = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}
+        named_ids = {f"{k}_token": field(f"tokenizer.ggml.{v}_token_id") for k, v in keys.items()}
         named = {k: tokens[i] for k, i in named_ids.items() if i is not None and i < len(tokens)}
         control = [
-            t for t, ty in zip(tokens, types, strict=False)
+            t
+            for t, ty in zip(tokens, types, strict=False)
             if ty == _CONTROL and (alphabet is None or alphabet.issuperset(t))
         ]
-        specials = [t for t in [*class_specials, *control, *named.values()]
-                    if backend.token_to_id(t) is not None]
+        specials = [
+            t
+            for t in [*class_specials, *control, *named.values()]
+            if backend.token_to_id(t) is not None
+        ]
         backend.add_special_tokens(
             [AddedToken(t, normalized=False, special=True) for t in dict.fromkeys(specials)]
         )
         vocab = backend.get_vocab()
-        user = [t for t, ty in zip(tokens, types, strict=False) if ty == _USER_DEFINED and t in vocab]
+        user = [
+            t for t, ty in zip(tokens, types, strict=False) if ty == _USER_DEFINED and t in vocab
+        ]
         if user:
             backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
         add_bos = field("tokenizer.ggml.add_bos_token")
@@ -431,8 +441,10 @@ class Tokenizer:
         context = field(f"{arch}.context_length")
         extra_stops = [field(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
         tok = cls(
-            backend, **named,
-            add_bos_token=bool(add_bos), add_eos_token=bool(field("tokenizer.ggml.add_eos_token")),
+            backend,
+            **named,
+            add_bos_token=bool(add_bos),
+            add_eos_token=bool(field("tokenizer.ggml.add_eos_token")),
             chat_template=field("tokenizer.chat_template"),
             model_max_length=int(context) if context else None,
             stop_token_ids=[i for i in extra_stops if i is not None],
