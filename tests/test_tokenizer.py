@@ -347,6 +347,10 @@ def test_gguf_chat_template_missing_and_errors(tmp_path):
         [{"role": "user", "content": "hi"}], chat_template="{{ messages[0]['content'] }}!"
     )
     assert rendered == "hi!"
+    generation = "{% generation %}{{ messages[0]['content'] }}{% endgeneration %}"
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "g"}], chat_template=generation) == "g"
+    )
     with pytest.raises(jinja2.TemplateError, match="nope"):
         tok.apply_chat_template([{"role": "user"}], chat_template="{{ raise_exception('nope') }}")
     with pytest.raises(ValueError, match="empty conversation"):

@@ -82,6 +82,7 @@ class LLMEngine:
             ids.update(gen_eos)
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
+        ids.update(self.tokenizer.stop_token_ids)  # e.g. GGUF end-of-turn tokens
         return ids
 
     # ---- requests ------------------------------------------------------------------------

@@ -1,0 +1,38 @@
+"""`lamina convert`: a GGUF file -> a Hugging Face folder that transformers (and lamina) load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lamina.config import parse_dtype
+from lamina.loading import gguf as gguf_loading
+from lamina.loading.tokenizer import Tokenizer
+
+
+def convert_gguf_to_hf(src: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Dequantize every tensor (undoing GGUF's q/k permutation) and write config.json,
+    model.safetensors, tokenizer files and generation_config.json into `out_dir`."""
+    src, out = Path(src), Path(out_dir)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} is not a file; `lamina convert` takes a .gguf file")
+    torch_dtype = parse_dtype(dtype)
+    reader = gguf_loading.open_gguf(src)
+    config = gguf_loading.gguf_config(reader)
+    tokenizer = Tokenizer.from_gguf(reader)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = dict(gguf_loading.iter_gguf_tensors(reader, config, torch_dtype))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    hf_config = config.to_hf()
+    hf_config["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
+    if tokenizer.pad_token_id is not None:
+        hf_config["pad_token_id"] = tokenizer.pad_token_id
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": hf_config["eos_token_id"]}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tokenizer.save_hf(out)
+    return out
