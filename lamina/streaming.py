@@ -43,8 +43,12 @@ def stop_holdback(text: str, stops: list[str]) -> int:
     return hold
 
 
-def stream_deltas(engine: LLMEngine, prompt: str | list[int], params: SamplingParams,
-                  stats: StreamStats | None = None) -> Iterator[str]:
+def stream_deltas(
+    engine: LLMEngine,
+    prompt: str | list[int],
+    params: SamplingParams,
+    stats: StreamStats | None = None,
+) -> Iterator[str]:
     """Yield new text for one request step by step; never a broken character or a piece of a
     stop string that is later cut. Aborts the request if the consumer stops early."""
     rid = f"stream-{next(_ids)}"
@@ -63,8 +67,9 @@ def stream_deltas(engine: LLMEngine, prompt: str | list[int], params: SamplingPa
             if first is None:
                 first = time.perf_counter()
             text = out.outputs[0].text
-            end = len(text) if out.finished else len(text) - stop_holdback(
-                text, params.stop_strings)
+            end = (
+                len(text) if out.finished else len(text) - stop_holdback(text, params.stop_strings)
+            )
             if end > shown:
                 yield text[shown:end]
                 shown = end

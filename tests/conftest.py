@@ -47,29 +47,47 @@ def write_byte_tokenizer(folder: Path, vocab_size: int = TINY_VOCAB) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
-                         "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}",
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": False,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
+                "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}",
+            }
+        )
+    )
 
 
 TINY_CONFIGS: dict[str, dict] = {
     "llama_mha": dict(arch="llama", num_attention_heads=4, num_key_value_heads=4),
     "llama_gqa": dict(arch="llama", num_attention_heads=4, num_key_value_heads=2),
     "llama_mqa": dict(arch="llama", num_attention_heads=4, num_key_value_heads=1),
-    "llama_tied": dict(arch="llama", num_attention_heads=4, num_key_value_heads=2,
-                       tie_word_embeddings=True),
-    "llama3_rope": dict(arch="llama", num_attention_heads=4, num_key_value_heads=2,
-                        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
-                                         "factor": 8.0, "low_freq_factor": 1.0,
-                                         "high_freq_factor": 4.0,
-                                         "original_max_position_embeddings": 32}),
-    "qwen2_bias": dict(arch="qwen2", num_attention_heads=4, num_key_value_heads=2,
-                       tie_word_embeddings=True),
-    "mistral": dict(arch="mistral", num_attention_heads=4, num_key_value_heads=2,
-                    sliding_window=None),
+    "llama_tied": dict(
+        arch="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+    ),
+    "llama3_rope": dict(
+        arch="llama",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "qwen2_bias": dict(
+        arch="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+    ),
+    "mistral": dict(
+        arch="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None
+    ),
 }
 
 
@@ -84,10 +102,18 @@ def make_tiny_model(folder: Path, name: str, seed: int = 0):
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }[arch]
-    kwargs = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=2, max_position_embeddings=256, rms_norm_eps=1e-6,
-                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                  initializer_range=0.2)
+    kwargs = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
     kwargs.update(spec)
     config = cls_config(**kwargs)
     torch.manual_seed(seed)

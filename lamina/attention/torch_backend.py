@@ -17,8 +17,13 @@ from einops import rearrange, repeat
 from lamina.attention.metadata import AttentionMetadata
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
     """Store new K/V rows [T, Hkv, D] at their flat slots."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
@@ -38,9 +43,15 @@ def expand_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return repeat(x, "b h l d -> b (h g) l d", g=groups)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] for the new tokens -> output [T, Hq, D]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     groups = q.shape[1] // k.shape[1]
@@ -49,9 +60,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _decode(q, k_cache, v_cache, meta, scale, groups, out)
     for i in meta.prefill_ids:
         start, qlen, ctx = meta.query_starts[i], meta.query_lens[i], meta.context_lens[i]
-        qi = rearrange(q[start:start + qlen], "t h d -> 1 h t d")
+        qi = rearrange(q[start : start + qlen], "t h d -> 1 h t d")
         if ctx == qlen:  # nothing cached before this chunk: attend over the fresh K/V
-            ki, vi = k[start:start + qlen], v[start:start + qlen]
+            ki, vi = k[start : start + qlen], v[start : start + qlen]
             mask = None
         else:
             table = meta.block_tables[i]
@@ -60,14 +71,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             mask = (torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None])[None, None]
         ki = expand_kv_heads(rearrange(ki, "t h d -> 1 h t d"), groups)
         vi = expand_kv_heads(rearrange(vi, "t h d -> 1 h t d"), groups)
-        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask,
-                                            is_causal=mask is None, scale=scale)
-        out[start:start + qlen] = rearrange(oi, "1 h t d -> t h d")
+        oi = F.scaled_dot_product_attention(
+            qi, ki, vi, attn_mask=mask, is_causal=mask is None, scale=scale
+        )
+        out[start : start + qlen] = rearrange(oi, "1 h t d -> t h d")
     return out
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            meta: AttentionMetadata, scale: float, groups: int, out: torch.Tensor) -> None:
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    groups: int,
+    out: torch.Tensor,
+) -> None:
     """All single-token queries at once over their padded, masked gathered contexts."""
     assert meta.decode_block_tables is not None and meta.decode_mask is not None
     rows = [meta.query_starts[i] for i in meta.decode_ids]
@@ -77,8 +96,9 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     vd = gather_kv(v_cache, meta.decode_block_tables, meta.decode_max_ctx)
     kd = expand_kv_heads(rearrange(kd, "b l h d -> b h l d"), groups)
     vd = expand_kv_heads(rearrange(vd, "b l h d -> b h l d"), groups)
-    od = F.scaled_dot_product_attention(rearrange(qd, "b h d -> b h 1 d"), kd, vd,
-                                        attn_mask=meta.decode_mask, scale=scale)
+    od = F.scaled_dot_product_attention(
+        rearrange(qd, "b h d -> b h 1 d"), kd, vd, attn_mask=meta.decode_mask, scale=scale
+    )
     od = rearrange(od, "b h 1 d -> b h d")
     if idx is None:
         out.copy_(od)

@@ -47,14 +47,19 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, cache_config: CacheConfig | None = None,
-                 scheduler_config: SchedulerConfig | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        cache_config: CacheConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+    ) -> None:
         self.loaded = loaded
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.cache_config = cache_config or CacheConfig()
         sched = scheduler_config or SchedulerConfig(
-            max_model_len=loaded.config.max_position_embeddings)
+            max_model_len=loaded.config.max_position_embeddings
+        )
         self.scheduler_config = sched
         num_blocks = num_blocks_for(loaded.config, self.cache_config, loaded.model.dtype)
         self.block_manager = BlockManager(num_blocks, self.cache_config.block_size)
@@ -64,8 +69,9 @@ class LLMEngine:
                 f"cannot hold one sequence of max_model_len={sched.max_model_len} tokens; "
                 "raise the cache budget or lower max_model_len"
             )
-        self.cache = KVCache(loaded.config, num_blocks, self.cache_config.block_size,
-                             loaded.model.dtype)
+        self.cache = KVCache(
+            loaded.config, num_blocks, self.cache_config.block_size, loaded.model.dtype
+        )
         self.scheduler = Scheduler(sched, self.block_manager)
         self.runner = ModelRunner(loaded.model, self.cache)
         self.sampler = Sampler()
@@ -86,8 +92,9 @@ class LLMEngine:
         return ids
 
     # ---- requests ------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int],
-                    params: SamplingParams | None = None) -> None:
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> None:
         """Queue a prompt (text or token ids). Raises ValueError for input that cannot run."""
         params = params or SamplingParams()
         if request_id in self.requests:
@@ -162,11 +169,13 @@ class LLMEngine:
         self.stats.step_seconds += time.perf_counter() - t0
         return [self._output(r) for r in touched]
 
-    def _advance(self, batch: ScheduledBatch, logits: torch.Tensor, sampling: list[int]
-                 ) -> list[Request]:
+    def _advance(
+        self, batch: ScheduledBatch, logits: torch.Tensor, sampling: list[int]
+    ) -> list[Request]:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            prompt_part = max(0, min(seq.num_computed_tokens + n, seq.num_prompt_tokens)
-                              - seq.num_computed_tokens)
+            prompt_part = max(
+                0, min(seq.num_computed_tokens + n, seq.num_prompt_tokens) - seq.num_computed_tokens
+            )
             self.stats.prompt_tokens += prompt_part
             seq.num_computed_tokens += n
         tokens = self.sampler(logits, [batch.seqs[i] for i in sampling]) if sampling else []
@@ -211,8 +220,16 @@ class LLMEngine:
             seq.text += detok.flush()
 
     def _output(self, req: Request) -> RequestOutput:
-        outs = [CompletionOutput(index=i, text=s.text, token_ids=list(s.output_token_ids),
-                                 finish_reason=s.finish_reason, stop_reason=s.stop_reason)
-                for i, s in enumerate(req.seqs)]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                             finished=req.finished)
+        outs = [
+            CompletionOutput(
+                index=i,
+                text=s.text,
+                token_ids=list(s.output_token_ids),
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for i, s in enumerate(req.seqs)
+        ]
+        return RequestOutput(
+            req.request_id, req.prompt, req.prompt_token_ids, outs, finished=req.finished
+        )

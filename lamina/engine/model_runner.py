@@ -17,7 +17,9 @@ class ModelRunner:
         self.kv = [cache.layer(i) for i in range(model.config.num_hidden_layers)]
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, all_logits: bool = False) -> tuple[torch.Tensor, list[int]]:
+    def run(
+        self, batch: ScheduledBatch, all_logits: bool = False
+    ) -> tuple[torch.Tensor, list[int]]:
         """Forward the batch. Returns logits for the sequences that sample this step (those whose
         tokens are now all computed) and their indices in the batch. With `all_logits`, logits
         for every fed token are returned instead (used for prompt log-probabilities)."""
@@ -28,7 +30,7 @@ class ModelRunner:
         sampling: list[int] = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
+            ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             query_lens.append(n)
             context_lens.append(start + n)

@@ -12,8 +12,9 @@ import torch
 from lamina.engine.sequence import Sequence
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-                      ) -> torch.Tensor:
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top-k and top-p nucleus. top_k 0 = off."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
@@ -35,8 +36,9 @@ class Sampler:
         greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
             return greedy.tolist()
-        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
-                             dtype=logits.dtype)
+        temps = torch.tensor(
+            [p.temperature if not p.greedy else 1.0 for p in params], dtype=logits.dtype
+        )
         top_k = torch.tensor([p.top_k for p in params])
         top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
         scaled = logits / temps.unsqueeze(1)

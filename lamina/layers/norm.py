@@ -1,4 +1,4 @@
-"""RMSNorm (Zhang & Sennrich, 2019) as LLaMA uses it: normalise in float32, scale in the model dtype."""
+"""RMSNorm (Zhang & Sennrich, 2019) as LLaMA uses it: normalise in float32, scale in model dtype."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from lamina.config import ModelConfig, RopeConfig
 
 def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
-    return 1.0 / (theta ** exponents)
+    return 1.0 / (theta**exponents)
 
 
 def _llama3_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> torch.Tensor:
@@ -28,7 +28,9 @@ def _llama3_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> torch.Tensor:
     high_wavelen = old_len / rope.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
@@ -70,19 +72,26 @@ class RotaryEmbedding(nn.Module):
         self._cos = emb.cos() * self.attention_scaling
         self._sin = emb.sin() * self.attention_scaling
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for the given positions, [T, 1, rotary_dim], grown on demand."""
         assert self._cos is not None and self._sin is not None
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self._cos.shape[0]:
             self._build_cache(max(needed, 2 * self._cos.shape[0]))
-        return (self._cos[positions].to(dtype).unsqueeze(1),
-                self._sin[positions].to(dtype).unsqueeze(1))
+        return (
+            self._cos[positions].to(dtype).unsqueeze(1),
+            self._sin[positions].to(dtype).unsqueeze(1),
+        )
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.cos_sin(positions, q.dtype)
-        return apply_rotary(q, cos, sin, self.rotary_dim), apply_rotary(k, cos, sin, self.rotary_dim)
+        return apply_rotary(q, cos, sin, self.rotary_dim), apply_rotary(
+            k, cos, sin, self.rotary_dim
+        )
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +99,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int
+) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin on the first `rotary_dim` channels of each head."""
     if rotary_dim == x.shape[-1]:
         return x * cos + rotate_half(x) * sin

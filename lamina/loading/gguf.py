@@ -19,9 +19,22 @@ from lamina.config import ModelConfig
 
 # Types we dequantize (the `gguf` package implements these in numpy).
 SUPPORTED_QUANT_TYPES = {
-    gguf.GGMLQuantizationType[name] for name in (
-        "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
-        "Q5_K", "Q6_K", "Q8_K",
+    gguf.GGMLQuantizationType[name]
+    for name in (
+        "F32",
+        "F16",
+        "BF16",
+        "Q8_0",
+        "Q4_0",
+        "Q4_1",
+        "Q5_0",
+        "Q5_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_K",
     )
 }
 ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -86,7 +99,10 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     vocab = int(get("vocab_size", 0) or embd.shape[-1])
     scaling_type = get("rope.scaling.type")
-    rope: dict[str, Any] = {"rope_theta": float(get("rope.freq_base", 10000.0)), "rope_type": "default"}
+    rope: dict[str, Any] = {
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "rope_type": "default",
+    }
     if scaling_type in ("linear", "yarn"):
         rope.update(rope_type=scaling_type, factor=float(get("rope.scaling.factor", 1.0)))
         orig = get("rope.scaling.original_context_length")
@@ -100,8 +116,9 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
         "num_hidden_layers": int(get("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "head_dim": int(get("attention.key_length", 0) or get("rope.dimension_count", 0)
-                        or hidden // heads),
+        "head_dim": int(
+            get("attention.key_length", 0) or get("rope.dimension_count", 0) or hidden // heads
+        ),
         "max_position_embeddings": int(get("context_length", 2048)),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_parameters": rope,
@@ -116,12 +133,12 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's `permute` of q/k rows (interleaved pairs -> halves per head)."""
     rows = w.shape[0]
-    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_tensors(reader: gguf.GGUFReader, config: ModelConfig,
-                      dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_tensors(
+    reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, dequantized tensor in `dtype`) one at a time."""
     permute = config.model_type in ("llama", "mistral")
     for t in reader.tensors:

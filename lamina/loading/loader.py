@@ -25,8 +25,9 @@ class LoadedModel:
     generation_config: dict[str, Any] = field(default_factory=dict)
 
 
-def load_model(model: str | Path | None = None, dtype: str | torch.dtype | None = "auto"
-               ) -> LoadedModel:
+def load_model(
+    model: str | Path | None = None, dtype: str | torch.dtype | None = "auto"
+) -> LoadedModel:
     """Load a Hugging Face folder or a GGUF file (None: the default SmolLM2 GGUF).
 
     dtype "auto" is float32: on CPU, float32 matrix-vector products are faster than bfloat16
@@ -51,5 +52,6 @@ def load_model(model: str | Path | None = None, dtype: str | torch.dtype | None 
         gen = {}
         del reader
     net.eval()
-    return LoadedModel(path=path, config=config, model=net, tokenizer=tokenizer,
-                       generation_config=gen)
+    return LoadedModel(
+        path=path, config=config, model=net, tokenizer=tokenizer, generation_config=gen
+    )

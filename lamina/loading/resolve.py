@@ -38,7 +38,8 @@ def resolve_model(model: str | Path | None) -> Path:
     hint = (
         " It looks like a Hugging Face hub id; lamina does not download models. Fetch it "
         "yourself (e.g. `huggingface-cli download NAME --local-dir DIR`) and pass DIR."
-        if looks_like_hub_id else ""
+        if looks_like_hub_id
+        else ""
     )
     raise FileNotFoundError(
         f"model {str(model)!r} is neither a folder nor a file. Pass a Hugging Face model folder "

@@ -29,14 +29,20 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
-        self.scale = self.head_dim ** -0.5
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
-                               config.attention_bias, dtype)
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, config.attention_bias, dtype
+        )
         self.o_proj = Linear(self.q_size, config.hidden_size, False, dtype)
         self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -50,9 +56,12 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size,
-                                   config.mlp_bias, dtype)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias, dtype)
+        self.gate_up_proj = Linear(
+            config.hidden_size, 2 * config.intermediate_size, config.mlp_bias, dtype
+        )
+        self.down_proj = Linear(
+            config.intermediate_size, config.hidden_size, config.mlp_bias, dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -66,8 +75,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        h: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         h = h + self.self_attn(positions, self.input_layernorm(h), kv, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -91,20 +105,31 @@ class LlamaForCausalLM(nn.Module):
         self.dtype = dtype
         self.rotary = RotaryEmbedding(config)
         self.embed_tokens = nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False)
+            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
+        )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary, dtype) for _ in range(config.num_hidden_layers))
+            LlamaDecoderLayer(config, self.rotary, dtype) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.lm_head = None if config.tie_word_embeddings else nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Parameter(
+                torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
+            )
+        )
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens if self.lm_head is None else self.lm_head
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         h = self.embed_tokens[input_ids]
         for layer, kv in zip(self.layers, kv_cache):
             h = layer(positions, h, kv, meta)
@@ -122,8 +147,12 @@ class LlamaForCausalLM(nn.Module):
             names.add("lm_head.weight")
         for i in range(self.config.num_hidden_layers):
             p = f"model.layers.{i}."
-            names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
-                      p + "self_attn.o_proj.weight", p + "mlp.down_proj.weight"}
+            names |= {
+                p + "input_layernorm.weight",
+                p + "post_attention_layernorm.weight",
+                p + "self_attn.o_proj.weight",
+                p + "mlp.down_proj.weight",
+            }
             for proj in ("q_proj", "k_proj", "v_proj"):
                 names.add(p + f"self_attn.{proj}.weight")
                 if self.config.attention_bias:

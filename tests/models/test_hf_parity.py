@@ -18,7 +18,7 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             logits = model(torch.tensor([out])).logits[0, -1]
             out.append(int(logits.argmax()))
-    return out[len(ids):]
+    return out[len(ids) :]
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
@@ -36,9 +36,11 @@ def test_logits_prompt_logprobs_and_greedy_match_transformers(tiny_model_factory
     torch.testing.assert_close(our_lp, ref_lp, atol=1e-4, rtol=0)
 
     expected = hf_greedy(hf_model, PROMPT, 32)
-    out = llm.generate({"prompt_token_ids": PROMPT},
-                       SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
-                       use_tqdm=False)[0]
+    out = llm.generate(
+        {"prompt_token_ids": PROMPT},
+        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+        use_tqdm=False,
+    )[0]
     assert out.outputs[0].token_ids == expected
     assert out.outputs[0].finish_reason == "length"
     llm.engine.block_manager.check_all_free()

@@ -32,7 +32,8 @@ def hf_smollm2(smollm2_path):
     folder, name = str(smollm2_path.parent), smollm2_path.name
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32).eval()
+        folder, gguf_file=name, dtype=torch.float32
+    ).eval()
     return tok, model
 
 
@@ -49,8 +50,7 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             tok = int(res.logits[0, -1].argmax())
             out.append(tok)
-            res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values,
-                        use_cache=True)
+            res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
     return out
 
 
@@ -60,8 +60,9 @@ def test_greedy_tokens_identical_to_transformers(llm, hf_smollm2):
     if isinstance(chat_ids, dict) or hasattr(chat_ids, "input_ids"):
         chat_ids = chat_ids["input_ids"]
     prompts = [tok.encode(p) for p in PROMPTS] + [list(chat_ids)]
-    ours_chat = llm.get_tokenizer().apply_chat_template(CHAT, add_generation_prompt=True,
-                                                        tokenize=True)
+    ours_chat = llm.get_tokenizer().apply_chat_template(
+        CHAT, add_generation_prompt=True, tokenize=True
+    )
     assert ours_chat == list(chat_ids)
     for text, ids in zip(PROMPTS, prompts):
         assert llm.get_tokenizer().encode(text) == ids, text
