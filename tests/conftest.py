@@ -28,6 +28,26 @@ def smollm2_path() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' own tokenizer and float32 model from the SmolLM2 GGUF (the oracle)."""
+    transformers = pytest.importorskip("transformers")
+    folder, name = str(smollm2_path.parent), smollm2_path.name
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    ).eval()
+    return tok, model
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_path):
+    """lamina on the SmolLM2 GGUF, float32, shared by the slow tests."""
+    from lamina import LLM
+
+    return LLM(str(smollm2_path), dtype="float32", max_model_len=1024)
+
+
 def write_byte_tokenizer(folder: Path, vocab_size: int = TINY_VOCAB) -> None:
     """A byte-level BPE tokenizer with no merges (one token per byte), plus its config.
 

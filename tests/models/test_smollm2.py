@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lamina import LLM, SamplingParams
+from lamina import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -26,20 +26,8 @@ NEW_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
-def hf_smollm2(smollm2_path):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    folder, name = str(smollm2_path.parent), smollm2_path.name
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32
-    ).eval()
-    return tok, model
-
-
-@pytest.fixture(scope="module")
-def llm(smollm2_path):
-    return LLM(str(smollm2_path), dtype="float32", max_model_len=1024)
+def llm(smollm2_llm):
+    return smollm2_llm
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:

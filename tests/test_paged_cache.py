@@ -1,0 +1,59 @@
+"""The paged KV cache: block size must not change results; blocks come back when requests end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lamina import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in (1, 7, 33, 70)]
+
+
+def _generate(folder, block_size: int, prompts, **kw) -> list[list[int]]:
+    llm = LLM(str(folder), dtype="float32", block_size=block_size, **kw)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    llm.engine.block_manager.check_all_free()
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_block_sizes_give_identical_tokens(tiny_model_factory):
+    folder, _ = tiny_model_factory("llama_gqa")
+    prompts = _prompts()
+    results = {bs: _generate(folder, bs, prompts) for bs in (1, 16, 256)}
+    assert results[1] == results[16] == results[256]
+
+
+def test_batched_equals_alone_and_chunked_prefill(tiny_model_factory):
+    """Each prompt alone, all together, and with prefill split into 8-token chunks."""
+    folder, _ = tiny_model_factory("llama_gqa")
+    prompts = _prompts()
+    together = _generate(folder, 16, prompts)
+    alone = [_generate(folder, 16, [p])[0] for p in prompts]
+    chunked = _generate(folder, 16, prompts, max_num_batched_tokens=8)
+    assert together == alone == chunked
+
+
+def test_slot_mapping_and_block_table_layout():
+    from lamina.attention.metadata import AttentionMetadata
+
+    meta = AttentionMetadata.build(
+        query_lens=[3, 1], context_lens=[3, 6], block_tables=[[5], [2, 7]], block_size=4
+    )
+    # seq 0: positions 0..2 in block 5 -> slots 20, 21, 22; seq 1: position 5 in block 7 -> 29
+    assert meta.slot_mapping.tolist() == [20, 21, 22, 29]
+    assert meta.block_tables.tolist() == [[5, 0], [2, 7]]
+    assert meta.decode_ids == [1] and meta.prefill_ids == [0]
+    assert meta.decode_mask is not None and meta.decode_mask.sum().item() == 6
+
+
+@pytest.mark.slow
+def test_smollm2_block_sizes(smollm2_path):
+    prompts = [[504, 3575, 282, 4649, 314], list(range(100, 180))]
+    results = {bs: _generate(smollm2_path, bs, prompts, max_model_len=512) for bs in (1, 16, 256)}
+    assert results[1] == results[16] == results[256]
