@@ -153,15 +153,20 @@ def _random_k_blocks(rows: int, cols: int, qtype: QT, rng: np.random.Generator) 
     return raw.reshape(rows, n * size)
 
 
-def encode(w: np.ndarray, qtype: QT, rng: np.random.Generator) -> np.ndarray:
-    """Store a 2-D float32 weight in `qtype`: quantized, random K-quant blocks, or raw bytes."""
+def encode(w: np.ndarray, qtype: QT, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """Store a 2-D float32 weight in `qtype`: quantized, random K-quant blocks, or raw bytes.
+
+    Returns (data, meaningful): meaningful is False for raw random bytes of a type with no
+    quantizer (IQ*), whose dequantization may hold NaN; such data is only for rejection tests.
+    """
     if qtype in K_QUANTS:
-        return _random_k_blocks(w.shape[0], w.shape[1], qtype, rng)
+        return _random_k_blocks(w.shape[0], w.shape[1], qtype, rng), True
     try:
-        return gguf.quants.quantize(w.astype(np.float32), qtype)
-    except NotImplementedError:  # e.g. IQ types: bytes a loader must refuse, not read
+        return gguf.quants.quantize(w.astype(np.float32), qtype), True
+    except NotImplementedError:
         block, size = gguf.GGML_QUANT_SIZES[qtype]
-        return rng.integers(0, 256, size=(w.shape[0], w.shape[1] // block * size), dtype=np.uint8)
+        shape = (w.shape[0], w.shape[1] // block * size)
+        return rng.integers(0, 256, size=shape, dtype=np.uint8), False
 
 
 def _gguf_names(arch: str, n_layers: int) -> dict[str, str]:
@@ -205,7 +210,7 @@ def write_gguf(
         gives a file loaders should refuse.
     type_overrides: llama.cpp tensor name -> type, for single tensors.
     Returns HF name -> float32 array a correct loader must produce (the stored data dequantized,
-    q/k permutation undone).
+    q/k permutation undone); tensors stored as raw random bytes (IQ types) are left out.
     """
     cfg = model.config
     model_arch = cfg.model_type
@@ -253,9 +258,12 @@ def write_gguf(
         if gg_name is None:
             continue
         data = param.detach().float().numpy()
-        ttype = overrides.get(gg_name, qtype if data.ndim == 2 else QT.F32)
-        stored = encode(data, ttype, rng) if data.ndim == 2 else data.astype(np.float32)
-        if ttype in gguf.quants._type_traits or ttype in (QT.F32, QT.F16):
+        ttype = overrides.get(gg_name, qtype) if data.ndim == 2 else QT.F32
+        if data.ndim == 2:
+            stored, meaningful = encode(data, ttype, rng)
+        else:
+            stored, meaningful = data.astype(np.float32), True
+        if meaningful:
             deq = gguf.quants.dequantize(stored, ttype).reshape(data.shape).astype(np.float32)
             expected[hf_name] = deq
         n_perm = {"q_proj": heads, "k_proj": kv_heads}.get(hf_name.split(".")[-2])

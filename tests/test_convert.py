@@ -22,8 +22,13 @@ def converted(smollm2_path, tmp_path_factory):
 
 def test_converted_folder_layout(converted):
     names = {p.name for p in converted.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= names
     cfg = json.loads((converted / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
     assert cfg["num_key_value_heads"] == 3 and cfg["tie_word_embeddings"] is True

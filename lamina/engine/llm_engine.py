@@ -217,7 +217,8 @@ class LLMEngine:
         elif seq.num_tokens >= self.scheduler_config.max_model_len:
             seq.finish("length")
         if seq.is_finished:
-            seq.text += detok.flush()
+            # A character cut off by the token limit is dropped, not shown as U+FFFD.
+            seq.text += detok.flush().rstrip("\ufffd")
 
     def _output(self, req: Request) -> RequestOutput:
         outs = [
