@@ -169,7 +169,7 @@ def encode(w: np.ndarray, qtype: QT, rng: np.random.Generator) -> tuple[np.ndarr
         return rng.integers(0, 256, size=shape, dtype=np.uint8), False
 
 
-def _gguf_names(arch: str, n_layers: int) -> dict[str, str]:
+def _gguf_names(n_layers: int) -> dict[str, str]:
     """Hugging Face name -> llama.cpp name."""
     names = {
         "model.embed_tokens.weight": "token_embd.weight",
@@ -249,7 +249,7 @@ def write_gguf(
     w.add_unk_token_id(UNK_ID)
     w.add_add_bos_token(False)
 
-    names = _gguf_names(arch, cfg.num_hidden_layers)
+    names = _gguf_names(cfg.num_hidden_layers)
     expected: dict[str, np.ndarray] = {}
     for hf_name, param in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:

@@ -209,6 +209,14 @@ def test_unsupported_tensor_type_is_named(written, gguf_dir, bad_type):
     assert "accepted" in msg and all(t in msg for t in ("F32", "Q8_0", "Q4_K", "Q6_K"))
 
 
+def test_q8_k_is_refused_by_name(written, gguf_dir):
+    _, model, _ = written("llama", "F32")
+    path = gguf_dir / "bad-type-Q8_K.gguf"
+    write_gguf(model, path, QT.F32, type_overrides={"blk.0.attn_v.weight": QT.Q8_K})
+    with pytest.raises(ValueError, match=r"blk\.0\.attn_v\.weight.*Q8_K"):
+        load_lamina(path)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "falcon"])
 def test_unsupported_architecture_is_named(written, gguf_dir, arch):
     _, model, _ = written("llama", "F32")

@@ -6,6 +6,7 @@ two dimensions makes a token's slot (block * block_size + offset) a single row i
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lamina.config import CacheConfig, ModelConfig
@@ -44,12 +45,18 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_blocks, block_size, model.num_key_value_heads, model.head_dim)
-        self.k = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_hidden_layers)
-        ]
-        self.v = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_hidden_layers)
-        ]
+        layers = model.num_hidden_layers
+        full = (layers, 2, *shape)
+        if torch.device(device).type == "cpu":
+            # calloc'd pages: zero without touching memory, so an unused budget costs nothing
+            nbytes = int(np.prod(full)) * torch.empty((), dtype=dtype).element_size()
+            buf = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(full)
+        else:
+            buf = torch.zeros(full, dtype=dtype, device=device)
+        # Zeros (not garbage) matter: masked-out slots are multiplied by a 0 attention weight,
+        # and 0 * NaN would poison the output.
+        self.k = [buf[i, 0] for i in range(layers)]
+        self.v = [buf[i, 1] for i in range(layers)]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]

@@ -34,7 +34,6 @@ SUPPORTED_QUANT_TYPES = {
         "Q4_K",
         "Q5_K",
         "Q6_K",
-        "Q8_K",
     )
 }
 ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -58,9 +57,30 @@ _TOP_NAMES = {
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
+class _FastGGUFReader(gguf.GGUFReader):
+    """GGUFReader whose field parsing slices a plain ndarray view of the file map.
+
+    The stock reader slices the `np.memmap` itself ~250k times for a 49k-token vocabulary, and
+    each memmap slice runs memmap.__array_finalize__: 1.9 s for SmolLM2 against 0.5 s this way.
+    Same bytes, same results; only `_get` is replaced.
+    """
+
+    def _get(
+        self, offset: int, dtype: Any, count: int = 1, override_order: Any = None
+    ) -> np.ndarray:
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        dt = np.dtype(dtype)
+        count = int(count)
+        arr = plain[offset : offset + dt.itemsize * count].view(dt)[:count]
+        order = self.byte_order if override_order is None else override_order
+        return arr.view(arr.dtype.newbyteorder(order))
+
+
 def open_gguf(path: Path) -> gguf.GGUFReader:
     try:
-        return gguf.GGUFReader(str(path), "r")
+        return _FastGGUFReader(str(path), "r")
     except Exception as e:  # the gguf package raises bare ValueError/AssertionError
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
 
@@ -150,7 +170,13 @@ def iter_gguf_tensors(
                 f"tensor {t.name} uses GGUF type {t.tensor_type.name}, which lamina cannot load; "
                 f"accepted: {sorted(q.name for q in SUPPORTED_QUANT_TYPES)}"
             )
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(
+                f"tensor {t.name} uses GGUF type {t.tensor_type.name}, which lamina cannot load "
+                f"(the gguf package cannot dequantize it): {e}"
+            ) from e
         if arr.dtype != np.float32:
             arr = arr.astype(np.float32)
         shape = tuple(int(d) for d in reversed(t.shape))

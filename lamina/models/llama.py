@@ -215,8 +215,11 @@ class LlamaForCausalLM(nn.Module):
                     f"tensor {name} has shape {tuple(tensor.shape)}, the config implies "
                     f"{tuple(dst.shape)}; the checkpoint does not match its config"
                 )
-            with torch.no_grad():
-                dst.copy_(tensor)
+            if shard is None and tensor.dtype == param.dtype and tensor.is_contiguous():
+                param.data = tensor  # adopt the loaded tensor: no second write of its pages
+            else:
+                with torch.no_grad():
+                    dst.copy_(tensor)
             seen.add(name)
         missing = sorted(expected - seen)
         if missing:
