@@ -31,6 +31,7 @@ class LLM:
     model: a Hugging Face folder, a .gguf file, or None for the default SmolLM2 GGUF.
     dtype: "auto" (float32), "float32", "bfloat16" or "float16".
     block_size / num_kv_blocks / kv_cache_bytes: paged KV cache geometry and budget.
+    enable_prefix_caching: share cached KV blocks between requests with a common prefix.
     max_model_len: longest sequence (prompt + output); defaults to the model's trained context,
         or to what the KV cache holds if that is less.
     """
@@ -45,6 +46,7 @@ class LLM:
         max_model_len: int | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
     ) -> None:
         loaded = load_model(model, dtype)
         cache = CacheConfig(
@@ -62,6 +64,7 @@ class LLM:
                 max_num_batched_tokens=max(max_num_batched_tokens, 1),
                 max_model_len=max_len,
             ),
+            enable_prefix_caching=enable_prefix_caching,
         )
         self.tokenizer = loaded.tokenizer
         self._ids = itertools.count()
@@ -131,7 +134,7 @@ class LLM:
             total=len(order), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True
         )
         stats = self.engine.stats
-        p0, g0 = stats.prompt_tokens, stats.generation_tokens
+        p0, g0 = stats.prompt_tokens_computed, stats.generation_tokens
         t0 = stats.step_seconds
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
@@ -140,7 +143,7 @@ class LLM:
                     bar.update(1)
             elapsed = max(stats.step_seconds - t0, 1e-9)
             bar.set_postfix_str(
-                f"input: {(stats.prompt_tokens - p0) / elapsed:.1f} tok/s, "
+                f"input: {(stats.prompt_tokens_computed - p0) / elapsed:.1f} tok/s, "
                 f"output: {(stats.generation_tokens - g0) / elapsed:.1f} tok/s",
                 refresh=False,
             )

@@ -1,4 +1,4 @@
-"""SamplingParams: how to pick each next token and when to stop. Names follow vLLM/OpenAI.
+"""SamplingParams: how to pick each next token and when to stop. Names follow vLLM / OpenAI.
 
 Every field is validated here, once, with an error that names the field and the accepted range,
 so nothing invalid reaches the engine.
@@ -8,32 +8,51 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs
+
 
 @dataclass
 class SamplingParams:
     """Decoding settings of one request.
 
+    n: samples returned; best_of: samples generated (the n with the highest cumulative logprob
+        are returned). The samples share the prompt's KV blocks.
     temperature: 0 means greedy; otherwise logits are divided by it before softmax.
-    top_k: keep the k most likely tokens (0 or -1: all).
-    top_p: keep the smallest set of tokens whose probability reaches top_p (1.0: all).
-    max_tokens: the most tokens to generate (None: until the context is full).
-    stop: strings that end generation; they are cut out of the returned text (as OpenAI does).
-    stop_token_ids: token ids that end generation (kept in token_ids, not in the text).
-    ignore_eos: keep generating past the end-of-sequence token.
-    seed: makes sampling reproducible for this request, whatever else is in the batch.
-    skip_special_tokens: drop special tokens from the returned text.
+    top_k: keep the k most likely tokens (0 or -1: all). top_p: keep the smallest set whose
+        probability reaches top_p. min_p: drop tokens less likely than min_p x the top token.
+    repetition_penalty: CTRL / transformers: a logit of a token seen in prompt or output is
+        divided by it when positive, multiplied when negative (1: off).
+    frequency_penalty, presence_penalty: OpenAI: logit -= frequency * count + presence * seen,
+        over the generated tokens (0: off).
+    logit_bias: token id -> value added to its logit (OpenAI, in [-100, 100]).
+    max_tokens / min_tokens: most / fewest tokens to generate (EOS and stop ids are blocked
+        until min_tokens). stop: strings that end generation, cut out of the text like OpenAI.
+    stop_token_ids: ids that end generation. ignore_eos: keep going past EOS.
+    seed: reproducible sampling for this request, whatever else shares its batch.
+    logprobs: also return the top-N logprobs of each generated token (plus the chosen one's).
+    prompt_logprobs: return the top-N logprobs at each prompt position (plus the prompt token's).
+    Logprobs are those of the model's distribution, before penalties and temperature.
     """
 
+    n: int = 1
+    best_of: int | None = None
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
     max_tokens: int | None = 16
+    min_tokens: int = 0
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
-    n: int = 1
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -41,32 +60,64 @@ class SamplingParams:
             self.stop = [self.stop]
         self._stop_list = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k in (None, -1):
+        if self.top_k is None or self.top_k == -1:
             self.top_k = 0
+        if self.best_of is None:
+            self.best_of = self.n
+        if self.logit_bias:
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError) as e:
+                raise ValueError("logit_bias is invalid; it must map token ids to numbers") from e
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: C901 - one check per field, in order
         def bad(name: str, accepted: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r} is invalid; {accepted}")
 
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        if not is_int(self.n) or self.n < 1:
+            raise bad("n", "it must be an integer >= 1")
+        if not is_int(self.best_of) or self.best_of < self.n:
+            raise bad("best_of", f"it must be an integer >= n ({self.n})")
+        if not is_num(self.temperature) or self.temperature < 0:
             raise bad("temperature", "it must be a number >= 0 (0 means greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "it must be an integer >= 1, or 0 / -1 to disable")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "it must be in (0, 1]")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
+        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "it must be in [0, 1]")
+        if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "it must be > 0 (1 disables it)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not is_num(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "it must be in [-2, 2]")
+        if any(not -100 <= v <= 100 or k < 0 for k, v in (self.logit_bias or {}).items()):
+            raise bad("logit_bias", "token ids must be >= 0 and biases in [-100, 100]")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "it must be an integer >= 1 or None")
-        if self.n != 1:
-            raise bad("n", "only n=1 is supported so far")
+        if (
+            not is_int(self.min_tokens)
+            or self.min_tokens < 0
+            or (self.max_tokens is not None and self.min_tokens > self.max_tokens)
+        ):
+            raise bad("min_tokens", "it must be an integer >= 0 and <= max_tokens")
         if any(not isinstance(s, str) or not s for s in self._stop_list):
             raise bad("stop", "it must be a non-empty string or a list of non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
+        if any(not is_int(t) or t < 0 for t in self.stop_token_ids or []):
             raise bad("stop_token_ids", "it must be a list of token ids >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not is_int(self.seed):
             raise bad("seed", "it must be an integer or None")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                raise bad(name, f"it must be an integer in [0, {MAX_LOGPROBS}] or None")
 
     @property
     def stop_strings(self) -> list[str]:
@@ -75,3 +126,38 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
+
+
+@dataclass
+class BeamSearchParams:
+    """Beam search settings (transformers' `num_beams` semantics).
+
+    beam_width: beams kept per step. length_penalty: a finished beam scores
+    sum(logprobs) / length ** length_penalty. early_stopping: True stops once beam_width beams
+    have finished; False stops when no running beam can beat the worst finished one (transformers'
+    heuristic); "never" runs to max_tokens.
+    """
+
+    beam_width: int = 4
+    max_tokens: int = 16
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.beam_width, int) or self.beam_width < 1:
+            raise ValueError(f"beam_width={self.beam_width!r} is invalid; it must be >= 1")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r} is invalid; it must be >= 1")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(
+                f"early_stopping={self.early_stopping!r} is invalid; use True, False or 'never'"
+            )

@@ -3,47 +3,22 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 
 import torch
 
 from lamina.config import CacheConfig, SchedulerConfig
 from lamina.engine.model_runner import ModelRunner
-from lamina.engine.sampler import Sampler
+from lamina.engine.request import Request
+from lamina.engine.sampler import Sampler, SampleResult
 from lamina.engine.scheduler import ScheduledBatch, Scheduler
-from lamina.engine.sequence import Sequence
+from lamina.engine.sequence import Sequence, make_generator
+from lamina.engine.stats import EngineStats
 from lamina.kv.block_manager import BlockManager
 from lamina.kv.cache import KVCache, num_blocks_for
-from lamina.loading.detokenizer import IncrementalDetokenizer
 from lamina.loading.loader import LoadedModel
-from lamina.outputs import CompletionOutput, RequestOutput
+from lamina.outputs import RequestOutput
 from lamina.sampling_params import SamplingParams
-
-
-@dataclass
-class Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    detokenizers: list[IncrementalDetokenizer]
-    arrival: float = field(default_factory=time.monotonic)
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
-
-
-@dataclass
-class EngineStats:
-    """Cumulative counters (per-step gauges are read off the scheduler)."""
-
-    num_steps: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    forward_seconds: float = 0.0
-    step_seconds: float = 0.0
 
 
 class LLMEngine:
@@ -52,6 +27,7 @@ class LLMEngine:
         loaded: LoadedModel,
         cache_config: CacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.loaded = loaded
         self.model_config = loaded.config
@@ -62,7 +38,9 @@ class LLMEngine:
         )
         self.scheduler_config = sched
         num_blocks = num_blocks_for(loaded.config, self.cache_config, loaded.model.dtype)
-        self.block_manager = BlockManager(num_blocks, self.cache_config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks, self.cache_config.block_size, enable_prefix_caching
+        )
         if self.block_manager.blocks_needed(sched.max_model_len) > num_blocks:
             raise ValueError(
                 f"the KV cache ({num_blocks} blocks of {self.cache_config.block_size} tokens) "
@@ -74,18 +52,15 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(sched, self.block_manager)
         self.runner = ModelRunner(loaded.model, self.cache)
-        self.sampler = Sampler()
+        self.eos_token_ids = self._eos_ids()
+        self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
-        self.eos_token_ids = self._eos_ids()
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set(self.model_config.eos_token_ids)
         gen_eos = self.loaded.generation_config.get("eos_token_id")
-        if isinstance(gen_eos, int):
-            ids.add(gen_eos)
-        elif isinstance(gen_eos, list):
-            ids.update(gen_eos)
+        ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         ids.update(self.tokenizer.stop_token_ids)  # e.g. GGUF end-of-turn tokens
@@ -105,10 +80,17 @@ class LLMEngine:
         else:
             text, ids = None, list(prompt)
         self.validate_prompt(ids)
-        seq = Sequence(request_id, ids, params)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-        self.requests[request_id] = Request(request_id, text, ids, params, [seq], [detok])
-        self.scheduler.add(seq)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in (params.logit_bias or {}) if t >= vocab]
+        bad += [t for t in params.stop_token_ids or [] if t >= vocab]
+        if bad:
+            raise ValueError(
+                f"token ids {bad[:5]} in logit_bias / stop_token_ids are outside "
+                f"the vocabulary [0, {vocab})"
+            )
+        req = Request(request_id, text, ids, params, self.tokenizer)
+        self.requests[request_id] = req
+        self.scheduler.add(req.seqs[0])
 
     def validate_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -124,18 +106,21 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now and free its blocks (unknown ids are ignored)."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return
-        for seq in req.seqs:
-            if not seq.is_finished:
-                seq.finish("abort")
-            self.scheduler.finish(seq)
+    def abort(self, request_id: str | Iterable[str]) -> None:
+        """Stop requests now and free their blocks (unknown ids are ignored)."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            req = self.requests.pop(rid, None)
+            for seq in req.seqs if req else []:
+                if not seq.is_finished:
+                    seq.finish("abort")
+                self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits [len, vocab] at every prompt position, computed through the paged
@@ -146,14 +131,15 @@ class LLMEngine:
             raise RuntimeError("not enough free KV blocks to score this prompt now")
         self.block_manager.grow(seq.block_table, seq.num_tokens)
         try:
-            logits, _ = self.runner.run(ScheduledBatch([seq], [seq.num_tokens]), all_logits=True)
+            batch = ScheduledBatch([seq], [seq.num_tokens])
+            hidden, _ = self.runner.forward(batch)
+            return self.runner.logits(hidden, list(range(seq.num_tokens)))
         finally:
             self.block_manager.release(seq.block_table)
-        return logits
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One forward pass for every scheduled sequence; returns outputs of requests that
+        """One forward pass for every scheduled sequence; returns the outputs of requests that
         advanced (finished ones are then forgotten)."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
@@ -162,42 +148,121 @@ class LLMEngine:
                 raise RuntimeError("no request fits in the KV cache; raise its size")
             return []
         t1 = time.perf_counter()
-        logits, sampling = self.runner.run(batch)
-        self.stats.forward_seconds += time.perf_counter() - t1
-        touched = self._advance(batch, logits, sampling)
-        self.stats.num_steps += 1
-        self.stats.step_seconds += time.perf_counter() - t0
-        return [self._output(r) for r in touched]
-
-    def _advance(
-        self, batch: ScheduledBatch, logits: torch.Tensor, sampling: list[int]
-    ) -> list[Request]:
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            prompt_part = max(
-                0, min(seq.num_computed_tokens + n, seq.num_prompt_tokens) - seq.num_computed_tokens
-            )
-            self.stats.prompt_tokens += prompt_part
-            seq.num_computed_tokens += n
-        tokens = self.sampler(logits, [batch.seqs[i] for i in sampling]) if sampling else []
-        touched: dict[str, Request] = {}
-        for i, token in zip(sampling, tokens):
-            seq = batch.seqs[i]
-            req = self.requests[seq.request_id]
-            seq.append_token(token)
-            self.stats.generation_tokens += 1
-            self._check_stop(seq, req, token)
-            if seq.is_finished:
-                self.scheduler.finish(seq)
-            touched[req.request_id] = req
-        for rid, req in touched.items():
+        hidden, starts = self.runner.forward(batch)
+        sample_rows, lp_rows = self._rows(batch, starts)
+        logits = self.runner.logits(hidden, sample_rows + [r for _, r, _ in lp_rows])
+        t2 = time.perf_counter()
+        self._record_prompt_logprobs(lp_rows, logits[len(sample_rows) :])
+        sampling = self._advance_computed(batch)
+        touched = self._sample(sampling, logits[: len(sample_rows)])
+        outputs = []
+        for rid in touched:
+            req = self.requests[rid]
+            outputs.append(req.output())
             if req.finished:
                 del self.requests[rid]
-        return list(touched.values())
+        t3 = time.perf_counter()
+        self.stats.record_step(self, batch, t3 - t0, t2 - t1)
+        return outputs
+
+    def _rows(
+        self, batch: ScheduledBatch, starts: list[int]
+    ) -> tuple[list[int], list[tuple[Sequence, int, int]]]:
+        """Hidden rows whose logits are needed: one per sequence that samples this step, and
+        (seq, row, target token) for prompt log-probabilities."""
+        sample_rows: list[int] = []
+        lp_rows: list[tuple[Sequence, int, int]] = []
+        for seq, n, start in zip(batch.seqs, batch.num_new_tokens, starts):
+            first = seq.num_computed_tokens
+            if first + n == seq.num_tokens:
+                sample_rows.append(start + n - 1)
+            req = self.requests[seq.request_id]
+            if req.prompt_logprobs is not None and seq.index == 0 and not seq.output_token_ids:
+                for p in range(first, min(first + n, seq.num_prompt_tokens - 1)):
+                    lp_rows.append((seq, start + p - first, seq.prompt_token_ids[p + 1]))
+        return sample_rows, lp_rows
+
+    def _record_prompt_logprobs(
+        self, lp_rows: list[tuple[Sequence, int, int]], logits: torch.Tensor
+    ) -> None:
+        if not lp_rows:
+            return
+        logprobs = logits.log_softmax(dim=-1)
+        targets = torch.tensor([t for _, _, t in lp_rows])
+        chosen = logprobs.gather(1, targets.unsqueeze(1))
+        ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+        for i, (seq, _, target) in enumerate(lp_rows):
+            req = self.requests[seq.request_id]
+            k = req.params.prompt_logprobs or 0
+            top_v, top_i = logprobs[i].topk(k) if k else (torch.empty(0), torch.empty(0))
+            assert req.prompt_logprobs is not None
+            req.prompt_logprobs.append(
+                req.logprob_entry(
+                    target, float(chosen[i]), ranks[i], list(zip(top_i.tolist(), top_v.tolist()))
+                )
+            )
+
+    def _advance_computed(self, batch: ScheduledBatch) -> list[Sequence]:
+        """Mark the fed tokens computed, index newly full blocks, and return the sequences
+        that now sample (every token of theirs is computed)."""
+        sampling = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens += n
+            self.stats.prompt_tokens_computed += max(
+                0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - before
+            )
+            self.block_manager.register_full_blocks(
+                seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed_tokens
+            )
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampling.append(seq)
+        return sampling
+
+    def _sample(self, sampling: list[Sequence], logits: torch.Tensor) -> set[str]:
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        for i, seq in enumerate(sampling):
+            req = self.requests[seq.request_id]
+            family = [seq]
+            if not req.forked:  # prompt done: split off the other best_of - 1 samples
+                req.forked = True
+                for idx in range(1, req.params.best_of or 1):
+                    child = seq.fork(idx, self.block_manager.fork(seq.block_table))
+                    child.generator = make_generator(req.params.seed, idx)
+                    req.add_seq(child)
+                    self.scheduler.add_running(child)
+                    family.append(child)
+            rows += [i] * len(family)
+            seqs += family
+        results = self.sampler(logits[torch.tensor(rows)], seqs) if seqs else []
+        now = time.monotonic()
+        touched: set[str] = set()
+        for seq, res in zip(seqs, results):
+            req = self.requests[seq.request_id]
+            if req.first_token_time is None:
+                req.first_token_time = now
+            if seq.request_id not in touched:
+                req.token_times.append(now)
+            self._append(seq, req, res)
+            touched.add(seq.request_id)
+        return touched
+
+    def _append(self, seq: Sequence, req: Request, res: SampleResult) -> None:
+        seq.append_token(res.token)
+        seq.cumulative_logprob += res.logprob
+        if seq.logprobs is not None:
+            seq.logprobs.append(req.logprob_entry(res.token, res.logprob, res.rank, res.top))
+        self.stats.generation_tokens += 1
+        self._check_stop(seq, req, res.token)
+        if seq.is_finished:
+            self.scheduler.finish(seq)
 
     def _check_stop(self, seq: Sequence, req: Request, token: int) -> None:
         params = seq.sampling_params
-        detok = req.detokenizers[req.seqs.index(seq)]
+        detok = req.detokenizers[seq.seq_id]
         new_text = detok.add(token)
+        # (the sampler never picks EOS / stop ids before min_tokens)
         if token in params.stop_token_ids:
             seq.finish("stop", token)
         elif token in self.eos_token_ids and not params.ignore_eos:
@@ -206,12 +271,13 @@ class LLMEngine:
             return
         before = len(seq.text)
         seq.text += new_text
-        for stop in params.stop_strings:
-            at = seq.text.find(stop, max(0, before - len(stop) + 1))
-            if at != -1:
-                seq.text = seq.text[:at]
-                seq.finish("stop", stop)
-                return
+        if len(seq.output_token_ids) >= params.min_tokens:
+            for stop in params.stop_strings:
+                at = seq.text.find(stop, max(0, before - len(stop) + 1))
+                if at != -1:
+                    seq.text = seq.text[:at]
+                    seq.finish("stop", stop)
+                    return
         if params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens:
             seq.finish("length")
         elif seq.num_tokens >= self.scheduler_config.max_model_len:
@@ -219,18 +285,3 @@ class LLMEngine:
         if seq.is_finished:
             # A character cut off by the token limit is dropped, not shown as U+FFFD.
             seq.text += detok.flush().rstrip("\ufffd")
-
-    def _output(self, req: Request) -> RequestOutput:
-        outs = [
-            CompletionOutput(
-                index=i,
-                text=s.text,
-                token_ids=list(s.output_token_ids),
-                finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-            )
-            for i, s in enumerate(req.seqs)
-        ]
-        return RequestOutput(
-            req.request_id, req.prompt, req.prompt_token_ids, outs, finished=req.finished
-        )

@@ -1,4 +1,4 @@
-"""Turns a scheduled batch into model inputs, runs the forward pass, returns logits."""
+"""Turns a scheduled batch into flat model inputs and runs the forward pass."""
 
 from __future__ import annotations
 
@@ -17,29 +17,31 @@ class ModelRunner:
         self.kv = [cache.layer(i) for i in range(model.config.num_hidden_layers)]
 
     @torch.inference_mode()
-    def run(
-        self, batch: ScheduledBatch, all_logits: bool = False
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Forward the batch. Returns logits for the sequences that sample this step (those whose
-        tokens are now all computed) and their indices in the batch. With `all_logits`, logits
-        for every fed token are returned instead (used for prompt log-probabilities)."""
+    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states [T, hidden] of every fed token, and each sequence's first row."""
+        self.cache.copy_blocks(batch.copies)
         ids: list[int] = []
         positions: list[int] = []
-        query_lens, context_lens, tables = [], [], []
-        sample_rows: list[int] = []
-        sampling: list[int] = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+        context_lens: list[int] = []
+        starts: list[int] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
+            starts.append(len(ids))
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
-            query_lens.append(n)
             context_lens.append(start + n)
-            tables.append(seq.block_table)
-            if start + n == seq.num_tokens:
-                sample_rows.append(len(ids) - 1)
-                sampling.append(i)
-        meta = AttentionMetadata.build(query_lens, context_lens, tables, self.cache.block_size)
+        meta = AttentionMetadata.build(
+            list(batch.num_new_tokens),
+            context_lens,
+            [s.block_table for s in batch.seqs],
+            self.cache.block_size,
+        )
         hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv, meta)
-        if all_logits:
-            return self.model.compute_logits(hidden), sampling
-        return self.model.compute_logits(hidden[sample_rows]), sampling
+        return hidden, starts
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Float32 logits for the chosen hidden rows only (the vocabulary matmul is costly)."""
+        if not rows:
+            return torch.empty(0, self.model.config.vocab_size)
+        return self.model.compute_logits(hidden[torch.tensor(rows)])

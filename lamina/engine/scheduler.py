@@ -1,10 +1,12 @@
-"""Continuous batching with chunked prefill and preemption by recomputation.
+"""Continuous batching with chunked prefill, prefix caching and preemption by recomputation.
 
-Each step gets a token budget. Running sequences go first (a decode costs one token, an
-unfinished prompt a chunk of what remains); then waiting sequences are admitted while budget,
-`max_num_seqs` and free blocks allow. When the cache runs out of blocks, the most recently
-admitted running sequence is preempted: its blocks are freed and it goes back to the front of the
-queue, keeping its generated tokens, which are recomputed with the prompt when it resumes.
+Each step has a token budget. Running sequences go first (a decode costs one token, an
+unfinished prompt a chunk of what remains); then waiting sequences are admitted, in arrival
+order, while budget, `max_num_seqs` and free blocks allow. A newly admitted sequence first takes
+whatever full blocks of its prefix are already cached and skips their prefill. When the cache
+runs out of blocks, the most recently admitted running sequence is preempted: its blocks are
+released and it returns to the front of the queue keeping its generated tokens, which are
+recomputed together with the prompt when it resumes (often from the prefix cache).
 """
 
 from __future__ import annotations
@@ -19,17 +21,26 @@ from lamina.kv.block_manager import BlockManager
 
 @dataclass
 class ScheduledBatch:
-    """Sequences to run this step and how many new tokens each feeds."""
+    """Sequences to run this step, how many new tokens each feeds, and block copies
+    (copy-on-write of shared blocks) to make before the forward pass."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(n)
+
+
+@dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # of those, found cached
 
 
 class Scheduler:
@@ -38,57 +49,18 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.num_preemptions = 0
+        self.stats = SchedulerStats()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """A fork of a running sequence joins the batch directly (its blocks are shared)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
-
-    def _preempt(self, seq: Sequence) -> None:
-        self.blocks.release(seq.block_table)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
-        self.running.remove(seq)
-        self.waiting.appendleft(seq)
-
-    def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
-        budget = self.config.max_num_batched_tokens
-        for seq in list(self.running):
-            if seq not in self.running:  # preempted earlier in this loop
-                continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if n <= 0:
-                continue
-            target = seq.num_computed_tokens + n
-            while not self.blocks.can_grow(seq.block_table, target):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq not in self.running:
-                break
-            self.blocks.grow(seq.block_table, target)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
-            budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
-                break
-            self.waiting.popleft()
-            self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
-            budget -= n
-        return batch
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence and return its blocks at once."""
@@ -97,3 +69,76 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.block_table)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq.block_table)
+        seq.block_hashes.clear()
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def _needs_copy(self, seq: Sequence) -> bool:
+        idx = seq.num_computed_tokens // self.blocks.block_size
+        table = seq.block_table
+        return idx < len(table) and self.blocks.ref_counts[table[idx]] > 1
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n <= 0:
+                continue
+            target = seq.num_computed_tokens + n
+            while not self.blocks.can_grow(seq.block_table, target, int(self._needs_copy(seq))):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                break
+            copy = self.blocks.copy_on_write(seq.block_table, seq.num_computed_tokens)
+            if copy is not None:
+                batch.copies.append(copy)
+            self.blocks.grow(seq.block_table, target)
+            batch.add(seq, n)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self._reuse_cached_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+                self.blocks.release(seq.block_table)  # give back any prefix blocks taken
+                seq.block_hashes.clear()
+                seq.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, n)
+            budget -= n
+        return batch
+
+    def _reuse_cached_prefix(self, seq: Sequence) -> None:
+        """Take the cached full blocks of the sequence's prefix, keeping at least one token to
+        compute (its logits are needed). Prompt-logprob requests compute everything."""
+        if seq.sampling_params.prompt_logprobs is not None:
+            return
+        max_blocks = (seq.num_tokens - 1) // self.blocks.block_size
+        blocks, hashes = self.blocks.match_prefix(seq.token_ids, max_blocks)
+        for block in blocks:
+            self.blocks.acquire(block)
+        seq.block_table.extend(blocks)
+        seq.block_hashes = list(hashes)
+        seq.num_computed_tokens = len(blocks) * self.blocks.block_size
+        if seq.num_preemptions == 0:
+            self.stats.prefix_cache_queries += seq.num_prompt_tokens
+            self.stats.prefix_cache_hits += seq.num_computed_tokens
+            seq.num_cached_tokens = seq.num_computed_tokens

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lamina.outputs import SampleLogprobs
 from lamina.sampling_params import SamplingParams
 
 _seq_counter = itertools.count()
@@ -19,37 +20,49 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+def make_generator(seed: int | None, index: int = 0) -> torch.Generator:
+    """Per-sample RNG: seeded requests are reproducible whatever else is batched."""
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed + index)
+    return g
+
+
 @dataclass(eq=False)
 class Sequence:
     """Token ids, block table and decoding state of one generated continuation.
 
     `num_computed_tokens` counts tokens whose K/V are already in the cache; the scheduler feeds
-    the rest (a prompt chunk, or the one newest token) in the next step.
+    the rest (a prompt chunk, or the newest token) in the next step.
     """
 
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    arrival: float = 0.0
+    index: int = 0  # which of the request's samples this is
     seq_id: int = field(default_factory=lambda: next(_seq_counter))
     output_token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # of the full blocks, in order
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache saved
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     text: str = ""  # detokenized output (stop strings already cut)
+    cumulative_logprob: float = 0.0
+    logprobs: SampleLogprobs | None = None
     generator: torch.Generator | None = None
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)
-        seed = self.sampling_params.seed
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
-        else:
-            self.generator.seed()
+        if self.generator is None:
+            self.generator = make_generator(self.sampling_params.seed, self.index)
+        if self.sampling_params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +76,10 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed_tokens < self.num_tokens - 1
+
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)
@@ -71,3 +88,24 @@ class Sequence:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
         self.stop_reason = stop_reason
+
+    def fork(self, index: int, block_table: list[int]) -> Sequence:
+        """A sibling sample that shares everything computed so far (blocks are ref-counted by
+        the caller) and draws from its own RNG stream."""
+        child = Sequence(
+            self.request_id,
+            self.prompt_token_ids,
+            self.sampling_params,
+            index=index,
+            block_table=block_table,
+            block_hashes=list(self.block_hashes),
+            num_computed_tokens=self.num_computed_tokens,
+            num_cached_tokens=self.num_cached_tokens,
+            status=self.status,
+            text=self.text,
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+        )
+        child.output_token_ids = list(self.output_token_ids)
+        child.token_ids = list(self.token_ids)
+        return child

@@ -1,8 +1,49 @@
 """Rotary position embedding (Su et al., 2021) with context-extension schemes.
 
-Each scheme only changes the inverse frequencies (and, for some, a scaling of cos/sin); the
-rotation itself is the "rotate half" form of the Hugging Face checkpoints, whose q/k weights are
-laid out for it (GGUF's interleaved layout is undone at load time).
+Each scheme only changes the inverse frequencies (and, for YaRN, scales cos/sin by an attention
+factor); the rotation itself is the "rotate half" form of the Hugging Face checkpoints, whose q/k
+weights are laid out for it (GGUF's interleaved layout is undone at load time). Frequencies are
+computed with the same float32 operations as transformers' `ROPE_INIT_FUNCTIONS`, so they agree
+to the last bit or two (tests/test_rope_scaling.py).
+
+Schemes (`RopeConfig.rope_type`), with d the rotary dimension and L0 `max_position_embeddings`:
+  default  inv_freq_i = theta^(-2i/d).
+  linear   inv_freq / factor (position interpolation).
+  ntk      static NTK-aware scaling (bloc97): theta' = theta * alpha^(d/(d-2)), alpha = `alpha`
+           or, if unset, `factor`. alpha = factor divides the lowest frequency by exactly
+           `factor` (as linear would) while leaving the highest untouched. It equals
+           transformers' "dynamic" with factor 1 at seq_len = alpha * L0. (CodeLlama's
+           theta = 1e6 is simply "default" with another theta.)
+  dynamic  transformers' dynamic NTK: theta(L) = theta * (factor*L/L0 - (factor-1))^(d/(d-2))
+           for a sequence length L > L0, theta itself for L <= L0.
+  yarn     YaRN (Peng et al., 2023): a per-frequency ramp between extrapolation and
+           interpolation (`beta_fast`, `beta_slow`, `original_max_position_embeddings`,
+           `truncate`), with cos/sin scaled by `attention_factor` (default 0.1*ln(factor) + 1,
+           or the DeepSeek `mscale`/`mscale_all_dim` ratio).
+  llama3   Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+
+Dynamic NTK in a paged, continuously batched engine
+---------------------------------------------------
+The base depends on a sequence length, while cached keys are stored already rotated. Choices:
+  * transformers: one base per forward from max(position_ids) + 1 of the whole batch, grown only
+    (it keeps the largest base seen until a batch is shorter than L0). Cached keys keep the base
+    they were rotated with, new queries use the current one; the result depends on the rest of
+    the batch and on history, which breaks lamina's "output does not depend on the batch".
+  * vLLM: one fixed base, theta(L0 * factor), for every token. Batch- and history-invariant, but
+    short sequences no longer see the trained base.
+  * lamina (this module): the base of a token is theta(seq_len) where, by default,
+    seq_len = position + 1, i.e. the length its sequence had when that token was the newest. So
+    the newest token's q and k are rotated exactly as transformers rotates them for a sequence of
+    that length, cached keys keep the base they were written with (as in transformers'
+    generate with a KV cache), and sequences up to L0 use the trained base exactly. Because a
+    token's rotation is a function of its position alone, the result does not depend on the
+    batch, on chunked prefill, on recompute after preemption, or on which request filled a
+    shared prefix block; and cos/sin stay one precomputed table indexed by position (no cost).
+    What differs from transformers is the prompt: transformers rotates all prompt tokens of
+    one forward with theta(prompt length); here prompt token p uses theta(p + 1).
+`forward(..., seq_lens=...)` overrides seq_len per token (e.g. the sequence's length after this
+step, for every token, which reproduces transformers' single no-cache forward). The engine does
+not pass it.
 """
 
 from __future__ import annotations
@@ -14,10 +55,72 @@ from torch import nn
 
 from lamina.config import ModelConfig, RopeConfig
 
+ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
+
+
+def _exponents(dim: int) -> torch.Tensor:
+    return torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+
 
 def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
-    return 1.0 / (theta**exponents)
+    return 1.0 / (theta ** _exponents(dim))
+
+
+def ntk_theta(rope: RopeConfig, dim: int) -> float:
+    """Static NTK-aware base: theta * alpha^(d/(d-2)), alpha = `alpha` or else `factor`."""
+    alpha = rope.alpha if rope.alpha is not None else rope.factor
+    return rope.theta * alpha ** (dim / (dim - 2))
+
+
+def dynamic_theta(rope: RopeConfig, dim: int, max_pos: int, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Per-token dynamic-NTK base for int64 `seq_lens`, in float32 as transformers computes it
+    when its seq_len is a tensor (lengths <= max_pos give the trained base)."""
+    seq_lens = seq_lens.to(torch.int64)
+    scale = (rope.factor * torch.clamp_min(seq_lens, max_pos) / max_pos) - (rope.factor - 1)
+    # exactly the trained base up to max_pos (the formula could be off by an ulp there)
+    scale = torch.where(seq_lens > max_pos, scale, torch.ones_like(scale))
+    return rope.theta * scale ** (dim / (dim - 2))
+
+
+def _dynamic_inv_freq(
+    rope: RopeConfig, dim: int, max_pos: int, seq_lens: torch.Tensor
+) -> torch.Tensor:
+    """[T, dim/2] inverse frequencies, one row per token's sequence length."""
+    theta = dynamic_theta(rope, dim, max_pos, seq_lens)
+    return 1.0 / (theta[:, None] ** _exponents(dim)[None, :])
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> tuple[torch.Tensor, float]:
+    """YaRN, step for step as transformers' `_compute_yarn_parameters`."""
+    base, factor = rope.theta, rope.factor
+    old_len = rope.original_max_position_embeddings or max_pos
+    if rope.attention_factor is not None:
+        attention = float(rope.attention_factor)
+    elif rope.mscale and rope.mscale_all_dim:
+        attention = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
+    else:
+        attention = _yarn_mscale(factor)
+    beta_fast, beta_slow = rope.beta_fast or 32, rope.beta_slow or 1
+
+    def correction_dim(rotations: float) -> float:
+        # the dimension whose wavelength makes `rotations` turns over the original context
+        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(torch.float32) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp  # 1: high frequency, kept as trained; 0: low frequency, interpolated
+    return interpolation * (1 - keep) + extrapolation * keep, attention
 
 
 def _llama3_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> torch.Tensor:
@@ -36,18 +139,30 @@ def _llama3_inv_freq(rope: RopeConfig, dim: int, max_pos: int) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_inv_freq(rope: RopeConfig, head_dim: int, max_pos: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and the cos/sin scaling factor for a rope type."""
+def rope_inv_freq(
+    rope: RopeConfig, head_dim: int, max_pos: int, seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin scaling factor for a rope type.
+
+    `seq_len` matters only for "dynamic" (the base for a sequence of that length; None means
+    max_pos, i.e. the trained base), mirroring the `seq_len` of transformers' init functions.
+    """
     dim = int(head_dim * rope.partial_rotary_factor)
-    if rope.rope_type == "default":
+    kind = rope.rope_type
+    if kind == "default":
         return _default_inv_freq(rope.theta, dim), 1.0
-    if rope.rope_type == "linear":
+    if kind == "linear":
         return _default_inv_freq(rope.theta, dim) / rope.factor, 1.0
-    if rope.rope_type == "llama3":
+    if kind == "ntk":
+        return _default_inv_freq(ntk_theta(rope, dim), dim), 1.0
+    if kind == "dynamic":
+        length = torch.tensor([max_pos if seq_len is None else seq_len])
+        return _dynamic_inv_freq(rope, dim, max_pos, length)[0], 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(rope, dim, max_pos)
+    if kind == "llama3":
         return _llama3_inv_freq(rope, dim, max_pos), 1.0
-    raise ValueError(
-        f"rope_type {rope.rope_type!r} is not supported; accepted: default, linear, llama3"
-    )
+    raise ValueError(f"rope_type {kind!r} is not supported; accepted: {', '.join(ROPE_TYPES)}")
 
 
 class RotaryEmbedding(nn.Module):
@@ -56,26 +171,42 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.head_dim = config.head_dim
-        inv_freq, self.attention_scaling = rope_inv_freq(
-            config.rope, config.head_dim, config.max_position_embeddings
-        )
+        self.rope = config.rope
+        self.max_pos = config.max_position_embeddings
+        self.dynamic = config.rope.rope_type == "dynamic"
+        self.dim = int(config.head_dim * config.rope.partial_rotary_factor)
+        inv_freq, self.attention_scaling = rope_inv_freq(config.rope, config.head_dim, self.max_pos)
         self.rotary_dim = inv_freq.numel() * 2
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
-        self._build_cache(config.max_position_embeddings)
+        self._build_cache(self.max_pos)
+
+    def _angles(self, positions: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+        """[T, rotary_dim/2] rotation angles; for dynamic NTK, base from each token's seq_len."""
+        pos = positions.to(torch.float32)
+        if not self.dynamic:
+            return pos[:, None] * self.inv_freq[None, :]
+        lens = positions.to(torch.int64) + 1 if seq_lens is None else seq_lens
+        inv = _dynamic_inv_freq(self.rope, self.dim, self.max_pos, lens)
+        return pos[:, None] * inv
+
+    def _cos_sin_of(self, angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
     def _build_cache(self, length: int) -> None:
-        positions = torch.arange(length, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos = emb.cos() * self.attention_scaling
-        self._sin = emb.sin() * self.attention_scaling
+        positions = torch.arange(length, dtype=torch.int64)
+        self._cos, self._sin = self._cos_sin_of(self._angles(positions, None))
 
     def cos_sin(
-        self, positions: torch.Tensor, dtype: torch.dtype
+        self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows for the given positions, [T, 1, rotary_dim], grown on demand."""
+        """cos/sin rows for the given positions, [T, 1, rotary_dim]. The table (grown on demand)
+        serves every token unless dynamic NTK gets explicit `seq_lens`, computed per token."""
+        if self.dynamic and seq_lens is not None:
+            cos, sin = self._cos_sin_of(self._angles(positions, seq_lens))
+            return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
         assert self._cos is not None and self._sin is not None
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self._cos.shape[0]:
@@ -86,9 +217,18 @@ class RotaryEmbedding(nn.Module):
         )
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        seq_lens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(positions, q.dtype)
+        """Rotate q [T, Hq, D] and k [T, Hk, D] for tokens at `positions` [T].
+
+        seq_lens: optional [T] int tensor, only read by dynamic NTK: the sequence length whose
+        base each token uses. Default: position + 1 (see the module docstring).
+        """
+        cos, sin = self.cos_sin(positions, q.dtype, seq_lens)
         return apply_rotary(q, cos, sin, self.rotary_dim), apply_rotary(
             k, cos, sin, self.rotary_dim
         )

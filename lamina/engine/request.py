@@ -1,0 +1,85 @@
+"""A request: one prompt, its samples (n / best_of), their text, and its output shape."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from lamina.engine.sequence import Sequence
+from lamina.loading.detokenizer import IncrementalDetokenizer
+from lamina.loading.tokenizer import Tokenizer
+from lamina.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from lamina.sampling_params import SamplingParams
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    tokenizer: Tokenizer
+    seqs: list[Sequence] = field(default_factory=list)
+    detokenizers: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
+    prompt_logprobs: PromptLogprobs | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # when each step added a token
+    forked: bool = False  # whether best_of > 1 samples have been split off yet
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first prompt token has no context
+        first = Sequence(self.request_id, self.prompt_token_ids, self.params, index=0)
+        self.add_seq(first)
+        self.forked = self.params.best_of == 1
+
+    def add_seq(self, seq: Sequence) -> None:
+        self.seqs.append(seq)
+        self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
+            self.tokenizer, self.prompt_token_ids, self.params.skip_special_tokens
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.forked and all(s.is_finished for s in self.seqs)
+
+    def decoded(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def logprob_entry(
+        self, token: int, logprob: float, rank: int | None, top: list[tuple[int, float]] | None
+    ) -> dict[int, Logprob]:
+        """vLLM's per-position dict: the token itself plus the top-N, each with rank and text."""
+        entry = {token: Logprob(logprob, rank, self.decoded(token))}
+        for r, (tid, lp) in enumerate(top or [], start=1):
+            if tid not in entry:
+                entry[tid] = Logprob(lp, r, self.decoded(tid))
+        return entry
+
+    def output(self) -> RequestOutput:
+        seqs = self.seqs
+        n = self.params.n
+        if self.finished and len(seqs) > n:  # best_of: keep the n most likely samples
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:n]
+        outs = [
+            CompletionOutput(
+                index=i,
+                text=s.text,
+                token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob,
+                logprobs=None if s.logprobs is None else list(s.logprobs),
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            )
+            for i, s in enumerate(seqs[:n] if not self.finished else seqs)
+        ]
+        return RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            outs,
+            finished=self.finished,
+            prompt_logprobs=self.prompt_logprobs,
+            num_cached_tokens=seqs[0].num_cached_tokens,
+        )
