@@ -5,7 +5,13 @@ Public API (vLLM-compatible names): LLM, SamplingParams, RequestOutput, Completi
 
 from lamina.llm import LLM
 from lamina.outputs import CompletionOutput, RequestOutput
-from lamina.sampling_params import SamplingParams
+from lamina.sampling_params import BeamSearchParams, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "BeamSearchParams",
+    "RequestOutput",
+    "CompletionOutput",
+]
 __version__ = "0.1.0"

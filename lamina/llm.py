@@ -16,11 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from lamina.config import CacheConfig, SchedulerConfig
+from lamina.engine.beam_search import BeamSearchOutput, beam_search
 from lamina.engine.llm_engine import LLMEngine
 from lamina.kv.cache import num_blocks_for
 from lamina.loading.loader import load_model
 from lamina.outputs import RequestOutput
-from lamina.sampling_params import SamplingParams
+from lamina.sampling_params import BeamSearchParams, SamplingParams
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -127,6 +128,23 @@ class LLM:
             for conv in convs
         ]
         return self.generate(prompts, sampling_params, use_tqdm)  # type: ignore[arg-type]
+
+    def beam_search(
+        self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams | None = None
+    ) -> list[BeamSearchOutput]:
+        """Beam search (transformers' `num_beams` semantics) for each prompt; each output lists
+        its finished beams best first. Runs on the engine's cache, one prompt at a time."""
+        params = params or BeamSearchParams()
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        outs = []
+        for prompt in prompts:  # type: ignore[union-attr]
+            p = _prompt_input(prompt)
+            ids = self.tokenizer.encode(p) if isinstance(p, str) else p
+            outs.append(beam_search(self.engine, ids, params))
+        return outs
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

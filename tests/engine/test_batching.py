@@ -20,8 +20,9 @@ def varied_requests(n: int, vocab: int, shared_len: int, seed: int = 0):
         tail = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 90))]
         prompts.append(shared + tail if i % 3 == 0 else tail)
         max_tokens = [1, 128][i] if i < 2 else rng.randint(1, 128)
-        params.append(SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                                     logprobs=5))
+        params.append(
+            SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=5)
+        )
     return prompts, params
 
 
@@ -33,8 +34,9 @@ def run(llm: LLM, prompts, params):
 
 def test_48_requests_together_equal_alone(tiny_model_factory):
     folder, _ = tiny_model_factory("llama_gqa")
-    llm = LLM(str(folder), dtype="float32", block_size=8, max_num_seqs=16,
-              max_num_batched_tokens=96)
+    llm = LLM(
+        str(folder), dtype="float32", block_size=8, max_num_seqs=16, max_num_batched_tokens=96
+    )
     prompts, params = varied_requests(48, 256, shared_len=40)
     together = run(llm, prompts, params)
     assert llm.engine.stats.prefix_cache_hits > 0
@@ -51,8 +53,7 @@ def test_preemption_under_small_kv_budget(tiny_model_factory):
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     big = run(LLM(str(folder), dtype="float32", block_size=8), prompts, params)
     # 24 blocks of 8 tokens: room for only a few of the 32 requests (each needs up to 11)
-    small_llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=24,
-                    max_model_len=96)
+    small_llm = LLM(str(folder), dtype="float32", block_size=8, num_kv_blocks=24, max_model_len=96)
     small = run(small_llm, prompts, params)
     assert small_llm.engine.stats.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in small] == [o.outputs[0].token_ids for o in big]
@@ -66,8 +67,11 @@ def test_aborts_mid_prefill_and_mid_decode_free_everything(tiny_model_factory):
     long_prompt = list(range(3, 120))
     engine.add_request("prefill", long_prompt, SamplingParams(max_tokens=20))
     engine.add_request("decode", [5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
-    engine.add_request("forks", [5, 6, 7, 8, 9],
-                       SamplingParams(n=3, temperature=1.0, max_tokens=50, ignore_eos=True))
+    engine.add_request(
+        "forks",
+        [5, 6, 7, 8, 9],
+        SamplingParams(n=3, temperature=1.0, max_tokens=50, ignore_eos=True),
+    )
     engine.add_request("queued", [9] * 30, SamplingParams(max_tokens=5))
     engine.step()  # 16-token budget: the long prompt is mid-prefill
     seq = engine.requests["prefill"].seqs[0]
@@ -92,8 +96,13 @@ def test_prefix_cache_computes_only_the_suffix(tiny_model_factory):
     params = SamplingParams(temperature=0, max_tokens=8, logprobs=3, ignore_eos=True)
 
     def two(enable: bool):
-        llm = LLM(str(folder), dtype="float32", block_size=16, enable_prefix_caching=enable,
-                  max_model_len=1024)
+        llm = LLM(
+            str(folder),
+            dtype="float32",
+            block_size=16,
+            enable_prefix_caching=enable,
+            max_model_len=1024,
+        )
         first = run(llm, [a], [params])[0]
         before = llm.engine.stats.prompt_tokens_computed
         second = run(llm, [b], [params])[0]
@@ -126,8 +135,9 @@ def test_n_samples_share_prompt_blocks(tiny_model_factory):
         return peak
 
     sp = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True, seed=0)
-    forked = peak_blocks([prompt], [SamplingParams(n=4, temperature=1.0, max_tokens=20,
-                                                   ignore_eos=True, seed=0)])
+    forked = peak_blocks(
+        [prompt], [SamplingParams(n=4, temperature=1.0, max_tokens=20, ignore_eos=True, seed=0)]
+    )
     separate = peak_blocks([prompt] * 4, [sp] * 4)
     assert forked < separate
     assert forked <= 6 + 4 * 2  # shared prompt + each sample's own tail blocks
@@ -136,9 +146,11 @@ def test_n_samples_share_prompt_blocks(tiny_model_factory):
 def test_n_and_best_of_outputs(tiny_model_factory):
     folder, _ = tiny_model_factory("llama_gqa")
     llm = LLM(str(folder), dtype="float32")
-    out = llm.generate({"prompt_token_ids": [5, 6, 7]},
-                       SamplingParams(n=3, best_of=5, temperature=1.0, max_tokens=10,
-                                      ignore_eos=True, seed=11), use_tqdm=False)[0]
+    out = llm.generate(
+        {"prompt_token_ids": [5, 6, 7]},
+        SamplingParams(n=3, best_of=5, temperature=1.0, max_tokens=10, ignore_eos=True, seed=11),
+        use_tqdm=False,
+    )[0]
     assert len(out.outputs) == 3 and [o.index for o in out.outputs] == [0, 1, 2]
     scores = [o.cumulative_logprob for o in out.outputs]
     assert scores == sorted(scores, reverse=True)
