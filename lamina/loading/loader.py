@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lamina.config import ModelConfig, parse_dtype
+from lamina.config import ModelConfig, RopeConfig, parse_dtype
 from lamina.loading import gguf as gguf_loading
 from lamina.loading import hf
 from lamina.loading.resolve import resolve_model
 from lamina.loading.tokenizer import Tokenizer
 from lamina.models.llama import LlamaForCausalLM
+from lamina.quant.checkpoint import load_quantized, quant_config_of
 
 
 @dataclass
@@ -26,9 +28,14 @@ class LoadedModel:
 
 
 def load_model(
-    model: str | Path | None = None, dtype: str | torch.dtype | None = "auto"
+    model: str | Path | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    rope_scaling: str | dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face folder or a GGUF file (None: the default SmolLM2 GGUF).
+
+    rope_scaling overrides the checkpoint's RoPE scheme (JSON text or a dict, see
+    `RopeConfig.from_user`).
 
     dtype "auto" is float32: on CPU, float32 matrix-vector products are faster than bfloat16
     (see PEERS.md) and GGUF weights are dequantized anyway.
@@ -36,16 +43,20 @@ def load_model(
     path = resolve_model(model)
     torch_dtype = parse_dtype(dtype)
     if path.is_dir():
-        config = hf.load_hf_config(path)
+        config = _override_rope(hf.load_hf_config(path), rope_scaling)
         tokenizer = Tokenizer.from_hf_folder(path)
         net = LlamaForCausalLM(config, torch_dtype)
-        net.load_weights(hf.iter_safetensors(path))
+        qcfg = quant_config_of(path)
+        if qcfg is not None:  # written by lamina.quant.save_quantized
+            load_quantized(net, path, qcfg)
+        else:
+            net.load_weights(hf.iter_safetensors(path))
         gen = hf.load_generation_config(path)
     else:
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf; pass a .gguf file or a folder")
         reader = gguf_loading.open_gguf(path)
-        config = gguf_loading.gguf_config(reader)
+        config = _override_rope(gguf_loading.gguf_config(reader), rope_scaling)
         tokenizer = Tokenizer.from_gguf(reader)
         net = LlamaForCausalLM(config, torch_dtype)
         net.load_weights(gguf_loading.iter_gguf_tensors(reader, config, torch_dtype))
@@ -55,3 +66,9 @@ def load_model(
     return LoadedModel(
         path=path, config=config, model=net, tokenizer=tokenizer, generation_config=gen
     )
+
+
+def _override_rope(config: ModelConfig, rope_scaling: str | dict[str, Any] | None) -> ModelConfig:
+    if rope_scaling is None:
+        return config
+    return dataclasses.replace(config, rope=RopeConfig.from_user(rope_scaling, config.rope))
