@@ -401,6 +401,7 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None  # explicit count wins over the byte budget
     kv_cache_bytes: int = 1 << 30
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "int8" (per-token-per-head scales)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -409,6 +410,10 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; accepted: auto, int8"
+            )
 
 
 @dataclass(frozen=True)

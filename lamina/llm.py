@@ -32,6 +32,8 @@ class LLM:
     model: a Hugging Face folder, a .gguf file, or None for the default SmolLM2 GGUF.
     dtype: "auto" (float32), "float32", "bfloat16" or "float16".
     block_size / num_kv_blocks / kv_cache_bytes: paged KV cache geometry and budget.
+    kv_cache_dtype: "auto" (the model dtype) or "int8" (per-token-per-head scales: ~3.8x the
+        tokens of a float32 cache in the same bytes).
     rope_scaling: override the checkpoint's RoPE scheme, e.g. {"rope_type": "yarn", "factor": 4};
         the default max_model_len then grows by the factor.
     enable_prefix_caching: share cached KV blocks between requests with a common prefix.
@@ -51,10 +53,14 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
         rope_scaling: str | dict[str, Any] | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         loaded = load_model(model, dtype, rope_scaling)
         cache = CacheConfig(
-            block_size=block_size, num_blocks=num_kv_blocks, kv_cache_bytes=kv_cache_bytes
+            block_size=block_size,
+            num_blocks=num_kv_blocks,
+            kv_cache_bytes=kv_cache_bytes,
+            kv_cache_dtype=kv_cache_dtype,
         )
         rope = loaded.config.rope
         trained = loaded.config.max_position_embeddings

@@ -15,25 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from lamina.attention.metadata import AttentionMetadata
-
-
-def write_kv(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Store new K/V rows [T, Hkv, D] at their flat slots."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
-
-
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """[..., nblocks] block ids -> [..., length, Hkv, D] contiguous K or V."""
-    blocks = cache[block_table]  # [..., nb, bs, H, D]
-    flat = blocks.flatten(-4, -3)
-    return flat[..., :length, :, :]
+from lamina.kv.cache import LayerCache
 
 
 def expand_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -47,17 +29,16 @@ def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    cache: LayerCache,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] for the new tokens -> output [T, Hq, D]."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    cache.write(k, v, meta.slot_mapping)
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     if meta.decode_ids:
-        _decode(q, k_cache, v_cache, meta, scale, groups, out)
+        _decode(q, cache, meta, scale, groups, out)
     for i in meta.prefill_ids:
         start, qlen, ctx = meta.query_starts[i], meta.query_lens[i], meta.context_lens[i]
         qi = rearrange(q[start : start + qlen], "t h d -> 1 h t d")
@@ -65,8 +46,9 @@ def paged_attention(
             ki, vi = k[start : start + qlen], v[start : start + qlen]
             mask = None
         else:
-            table = meta.block_tables[i]
-            ki, vi = gather_kv(k_cache, table, ctx), gather_kv(v_cache, table, ctx)
+            nblocks = -(-ctx // meta.block_size)
+            ki, vi = cache.gather(meta.block_tables[i, :nblocks])
+            ki, vi = ki[:ctx], vi[:ctx]
             qpos = torch.arange(ctx - qlen, ctx, device=q.device)
             mask = (torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None])[None, None]
         ki = expand_kv_heads(rearrange(ki, "t h d -> 1 h t d"), groups)
@@ -80,8 +62,7 @@ def paged_attention(
 
 def _decode(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    cache: LayerCache,
     meta: AttentionMetadata,
     scale: float,
     groups: int,
@@ -100,12 +81,10 @@ def _decode(
     qd = q if idx is None else q[idx]
     tables = meta.decode_block_tables
     batch, nblocks = tables.shape
-    flat = tables.reshape(-1)
-    kd = k_cache.view(k_cache.shape[0], -1).index_select(0, flat)
-    vd = v_cache.view(v_cache.shape[0], -1).index_select(0, flat)
-    length = nblocks * k_cache.shape[1]
-    kd = kd.view(batch, length, *k_cache.shape[2:]).transpose(1, 2)  # [B, Hkv, L, D]
-    vd = vd.view(batch, length, *v_cache.shape[2:]).transpose(1, 2)
+    kd, vd = cache.gather(tables.reshape(-1))
+    length = nblocks * cache.block_size
+    kd = kd.view(batch, length, *kd.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
+    vd = vd.view(batch, length, *vd.shape[1:]).transpose(1, 2)
     qg = rearrange(qd, "b (h g) d -> b h g d", g=groups)
     mask = meta.decode_mask[..., :length]
     if mask.shape[-1] < length:  # blocks beyond the longest context stay masked

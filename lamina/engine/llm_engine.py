@@ -48,7 +48,11 @@ class LLMEngine:
                 "raise the cache budget or lower max_model_len"
             )
         self.cache = KVCache(
-            loaded.config, num_blocks, self.cache_config.block_size, loaded.model.dtype
+            loaded.config,
+            num_blocks,
+            self.cache_config.block_size,
+            loaded.model.dtype,
+            kv_cache_dtype=self.cache_config.kv_cache_dtype,
         )
         self.scheduler = Scheduler(sched, self.block_manager)
         self.runner = ModelRunner(loaded.model, self.cache)

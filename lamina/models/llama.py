@@ -16,6 +16,7 @@ from torch import nn
 from lamina.attention.metadata import AttentionMetadata
 from lamina.attention.torch_backend import paged_attention
 from lamina.config import ModelConfig
+from lamina.kv.cache import LayerCache
 from lamina.layers.activation import silu_and_mul
 from lamina.layers.linear import Linear
 from lamina.layers.norm import RMSNorm
@@ -40,7 +41,7 @@ class LlamaAttention(nn.Module):
         self,
         positions: torch.Tensor,
         x: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor],
+        kv: LayerCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -49,7 +50,7 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        out = paged_attention(q, k, v.contiguous(), kv[0], kv[1], meta, self.scale)
+        out = paged_attention(q, k, v.contiguous(), kv, meta, self.scale)
         return self.o_proj(out.view(-1, self.q_size))
 
 
@@ -79,7 +80,7 @@ class LlamaDecoderLayer(nn.Module):
         self,
         positions: torch.Tensor,
         h: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor],
+        kv: LayerCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         h = h + self.self_attn(positions, self.input_layernorm(h), kv, meta)
@@ -127,7 +128,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_cache: list[LayerCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         h = self.embed_tokens[input_ids]
