@@ -402,6 +402,10 @@ class CacheConfig:
     num_blocks: int | None = None  # explicit count wins over the byte budget
     kv_cache_bytes: int = 1 << 30
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "int8" (per-token-per-head scales)
+    # StreamingLLM (Xiao et al., 2023): keep the first `attention_sinks` tokens and the last
+    # `sliding_window` tokens of each request; blocks that leave the window are freed.
+    attention_sinks: int = 0
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -414,6 +418,16 @@ class CacheConfig:
             raise ValueError(
                 f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; accepted: auto, int8"
             )
+        if self.attention_sinks < 0:
+            raise ValueError(f"attention_sinks must be >= 0, got {self.attention_sinks}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.attention_sinks and self.sliding_window is None:
+            raise ValueError("attention_sinks needs sliding_window (StreamingLLM keeps both)")
+
+    @property
+    def streaming(self) -> bool:
+        return self.sliding_window is not None
 
 
 @dataclass(frozen=True)

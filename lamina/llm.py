@@ -32,6 +32,9 @@ class LLM:
     model: a Hugging Face folder, a .gguf file, or None for the default SmolLM2 GGUF.
     dtype: "auto" (float32), "float32", "bfloat16" or "float16".
     block_size / num_kv_blocks / kv_cache_bytes: paged KV cache geometry and budget.
+    attention_sinks / sliding_window: StreamingLLM, keep the first S and the last W tokens of
+        each request in the cache (blocks leaving the window are freed): bounded memory per
+        request, unbounded length. max_model_len then defaults to 1M tokens.
     kv_cache_dtype: "auto" (the model dtype) or "int8" (per-token-per-head scales: ~3.8x the
         tokens of a float32 cache in the same bytes).
     rope_scaling: override the checkpoint's RoPE scheme, e.g. {"rope_type": "yarn", "factor": 4};
@@ -54,6 +57,8 @@ class LLM:
         enable_prefix_caching: bool = True,
         rope_scaling: str | dict[str, Any] | None = None,
         kv_cache_dtype: str = "auto",
+        attention_sinks: int = 0,
+        sliding_window: int | None = None,
     ) -> None:
         loaded = load_model(model, dtype, rope_scaling)
         cache = CacheConfig(
@@ -61,6 +66,8 @@ class LLM:
             num_blocks=num_kv_blocks,
             kv_cache_bytes=kv_cache_bytes,
             kv_cache_dtype=kv_cache_dtype,
+            attention_sinks=attention_sinks,
+            sliding_window=sliding_window,
         )
         rope = loaded.config.rope
         trained = loaded.config.max_position_embeddings
@@ -70,6 +77,8 @@ class LLM:
             trained,
             num_blocks_for(loaded.config, cache, loaded.model.dtype) * block_size,
         )
+        if sliding_window is not None and max_model_len is None:
+            max_len = 1 << 20  # length is no longer bounded by the cache
         self.engine = LLMEngine(
             loaded,
             cache,

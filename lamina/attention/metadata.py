@@ -8,6 +8,18 @@ import torch
 
 
 @dataclass
+class StreamingWindow:
+    """StreamingLLM attention: keys are stored un-rotated; each sequence sees its first `sinks`
+    tokens and its last `window` tokens. A live cache index c maps to logical position
+    c + offsets[i] once past `sink_limit` (the sink blocks), c itself before."""
+
+    sinks: int
+    window: int
+    sink_limit: int
+    offsets: list[int]
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step layout of the flat token batch.
 
@@ -30,6 +42,7 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None
     decode_block_tables: torch.Tensor | None = None
     decode_max_ctx: int = 0
+    streaming: StreamingWindow | None = None
 
     @property
     def num_seqs(self) -> int:

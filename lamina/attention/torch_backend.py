@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from lamina.attention.metadata import AttentionMetadata
+from lamina.attention.metadata import AttentionMetadata, StreamingWindow
 from lamina.kv.cache import LayerCache
+from lamina.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 def expand_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -32,11 +33,17 @@ def paged_attention(
     cache: LayerCache,
     meta: AttentionMetadata,
     scale: float,
+    rotary: RotaryEmbedding | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] for the new tokens -> output [T, Hq, D]."""
     cache.write(k, v, meta.slot_mapping)
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
+    if meta.streaming is not None:
+        assert rotary is not None, "StreamingLLM rotates keys on read"
+        for i in range(meta.num_seqs):
+            _streaming(q, cache, meta, meta.streaming, i, scale, groups, rotary, out)
+        return out
     if meta.decode_ids:
         _decode(q, cache, meta, scale, groups, out)
     for i in meta.prefill_ids:
@@ -95,3 +102,36 @@ def _decode(
         out.copy_(od)
     else:
         out[idx] = od
+
+
+def _streaming(
+    q: torch.Tensor,
+    cache: LayerCache,
+    meta: AttentionMetadata,
+    win: StreamingWindow,
+    i: int,
+    scale: float,
+    groups: int,
+    rotary: RotaryEmbedding,
+    out: torch.Tensor,
+) -> None:
+    """One sequence under StreamingLLM: gather its live blocks, rotate the un-rotated keys at
+    their cache positions, and mask to sinks + window by logical position."""
+    start, qlen, ctx = meta.query_starts[i], meta.query_lens[i], meta.context_lens[i]
+    nblocks = -(-ctx // meta.block_size)
+    ki, vi = cache.gather(meta.block_tables[i, :nblocks])
+    ki, vi = ki[:ctx], vi[:ctx]
+    cache_pos = torch.arange(ctx, device=q.device)
+    cos, sin = rotary.cos_sin(cache_pos, ki.dtype)
+    ki = apply_rotary(ki, cos, sin, rotary.rotary_dim)
+    offset = win.offsets[i]
+    key_pos = torch.where(cache_pos < win.sink_limit, cache_pos, cache_pos + offset)
+    q_pos = torch.arange(ctx - qlen, ctx, device=q.device) + offset
+    visible = (key_pos[None, :] <= q_pos[:, None]) & (
+        (key_pos[None, :] < win.sinks) | (key_pos[None, :] > q_pos[:, None] - win.window)
+    )
+    qi = rearrange(q[start : start + qlen], "t h d -> 1 h t d")
+    ki = expand_kv_heads(rearrange(ki, "t h d -> 1 h t d"), groups)
+    vi = expand_kv_heads(rearrange(vi, "t h d -> 1 h t d"), groups)
+    oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=visible[None, None], scale=scale)
+    out[start : start + qlen] = rearrange(oi, "1 h t d -> t h d")

@@ -16,6 +16,7 @@ from lamina.engine.sequence import Sequence, make_generator
 from lamina.engine.stats import EngineStats
 from lamina.kv.block_manager import BlockManager
 from lamina.kv.cache import KVCache, num_blocks_for
+from lamina.kv.policies import StreamingPolicy
 from lamina.loading.loader import LoadedModel
 from lamina.outputs import RequestOutput
 from lamina.sampling_params import SamplingParams
@@ -41,7 +42,16 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, self.cache_config.block_size, enable_prefix_caching
         )
-        if self.block_manager.blocks_needed(sched.max_model_len) > num_blocks:
+        cc = self.cache_config
+        self.policy = (
+            StreamingPolicy(cc.attention_sinks, cc.sliding_window, cc.block_size)
+            if cc.sliding_window is not None
+            else None
+        )
+        per_request = self.block_manager.blocks_needed(sched.max_model_len)
+        if self.policy is not None:  # memory per request is bounded by the window
+            per_request = min(per_request, self.policy.blocks_needed(sched.max_num_batched_tokens))
+        if per_request > num_blocks:
             raise ValueError(
                 f"the KV cache ({num_blocks} blocks of {self.cache_config.block_size} tokens) "
                 f"cannot hold one sequence of max_model_len={sched.max_model_len} tokens; "
@@ -54,8 +64,8 @@ class LLMEngine:
             loaded.model.dtype,
             kv_cache_dtype=self.cache_config.kv_cache_dtype,
         )
-        self.scheduler = Scheduler(sched, self.block_manager)
-        self.runner = ModelRunner(loaded.model, self.cache)
+        self.scheduler = Scheduler(sched, self.block_manager, self.policy)
+        self.runner = ModelRunner(loaded.model, self.cache, self.policy)
         self.eos_token_ids = self._eos_ids()
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -126,20 +136,31 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
 
-    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+    def prompt_logits(self, token_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
         """Float32 logits [len, vocab] at every prompt position, computed through the paged
-        cache like any prefill (blocks are taken and returned at once)."""
+        cache like any prefill (blocks are taken and returned at once). With `chunk_size`, the
+        prompt is fed in chunks, each attending to the cache the earlier ones left: what a
+        quantized or windowed (StreamingLLM) cache actually gives."""
         self.validate_prompt(token_ids)
         seq = Sequence("__prompt_logits__", list(token_ids), SamplingParams(max_tokens=1))
-        if not self.block_manager.can_grow(seq.block_table, seq.num_tokens):
-            raise RuntimeError("not enough free KV blocks to score this prompt now")
-        self.block_manager.grow(seq.block_table, seq.num_tokens)
+        step = chunk_size or seq.num_tokens
+        bm, bs = self.block_manager, self.cache_config.block_size
+        out = []
         try:
-            batch = ScheduledBatch([seq], [seq.num_tokens])
-            hidden, _ = self.runner.forward(batch)
-            return self.runner.logits(hidden, list(range(seq.num_tokens)))
+            while seq.num_computed_tokens < seq.num_tokens:
+                n = min(step, seq.num_tokens - seq.num_computed_tokens)
+                if self.policy is not None:
+                    self.policy.evict(seq, bm, seq.num_computed_tokens)
+                live = seq.num_computed_tokens + n - seq.evicted_tokens(bs)
+                if not bm.can_grow(seq.block_table, live):
+                    raise RuntimeError("not enough free KV blocks to score this prompt now")
+                bm.grow(seq.block_table, live)
+                hidden, _ = self.runner.forward(ScheduledBatch([seq], [n]))
+                out.append(self.runner.logits(hidden, list(range(n))))
+                seq.num_computed_tokens += n
         finally:
-            self.block_manager.release(seq.block_table)
+            bm.release(seq.block_table)
+        return torch.cat(out)
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -217,7 +238,12 @@ class LLMEngine:
                 0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - before
             )
             self.block_manager.register_full_blocks(
-                seq.block_table, seq.block_hashes, seq.token_ids, seq.num_computed_tokens
+                seq.block_table,
+                seq.block_hashes,
+                seq.token_ids,
+                seq.num_computed_tokens,
+                self.policy.sink_blocks if self.policy else 0,
+                seq.num_evicted_blocks,
             )
             if seq.num_computed_tokens == seq.num_tokens:
                 sampling.append(seq)

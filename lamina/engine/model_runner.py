@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from lamina.attention.metadata import AttentionMetadata
+from lamina.attention.metadata import AttentionMetadata, StreamingWindow
 from lamina.engine.scheduler import ScheduledBatch
 from lamina.kv.cache import KVCache
+from lamina.kv.policies import StreamingPolicy
 from lamina.models.llama import LlamaForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cache: KVCache) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, cache: KVCache, policy: StreamingPolicy | None = None
+    ) -> None:
         self.model = model
         self.cache = cache
+        self.policy = policy
         self.kv = [cache.layer(i) for i in range(model.config.num_hidden_layers)]
 
     @torch.inference_mode()
@@ -24,18 +28,28 @@ class ModelRunner:
         positions: list[int] = []
         context_lens: list[int] = []
         starts: list[int] = []
+        offsets: list[int] = []
+        bs = self.cache.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             starts.append(len(ids))
             ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            context_lens.append(start + n)
+            # Positions index the live (compacted) cache: logical positions unless a retention
+            # policy evicted blocks, as StreamingLLM prescribes.
+            live = start - seq.evicted_tokens(bs)
+            positions.extend(range(live, live + n))
+            context_lens.append(live + n)
+            offsets.append(seq.evicted_tokens(bs))
         meta = AttentionMetadata.build(
             list(batch.num_new_tokens),
             context_lens,
             [s.block_table for s in batch.seqs],
-            self.cache.block_size,
+            bs,
         )
+        if self.policy is not None:
+            meta.streaming = StreamingWindow(
+                self.policy.sinks, self.policy.window, self.policy.sink_blocks * bs, offsets
+            )
         hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv, meta)
         return hidden, starts
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from lamina.config import SchedulerConfig
 from lamina.engine.sequence import Sequence, SequenceStatus
 from lamina.kv.block_manager import BlockManager
+from lamina.kv.policies import StreamingPolicy
 
 
 @dataclass
@@ -44,9 +45,12 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, blocks: BlockManager, policy: StreamingPolicy | None = None
+    ) -> None:
         self.config = config
         self.blocks = blocks
+        self.policy = policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = SchedulerStats()
@@ -74,14 +78,23 @@ class Scheduler:
         self.blocks.release(seq.block_table)
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
+        seq.num_evicted_blocks = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
+    def _live(self, seq: Sequence, position: int) -> int:
+        """A logical token count or position as an index into the sequence's live blocks."""
+        return position - seq.evicted_tokens(self.blocks.block_size)
+
+    def _evict(self, seq: Sequence) -> None:
+        if self.policy is not None:
+            self.policy.evict(seq, self.blocks, seq.num_computed_tokens)
+
     def _needs_copy(self, seq: Sequence) -> bool:
-        idx = seq.num_computed_tokens // self.blocks.block_size
+        idx = self._live(seq, seq.num_computed_tokens) // self.blocks.block_size
         table = seq.block_table
         return idx < len(table) and self.blocks.ref_counts[table[idx]] > 1
 
@@ -94,7 +107,8 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
                 continue
-            target = seq.num_computed_tokens + n
+            self._evict(seq)
+            target = self._live(seq, seq.num_computed_tokens + n)
             while not self.blocks.can_grow(seq.block_table, target, int(self._needs_copy(seq))):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -102,7 +116,9 @@ class Scheduler:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 break
-            copy = self.blocks.copy_on_write(seq.block_table, seq.num_computed_tokens)
+            copy = self.blocks.copy_on_write(
+                seq.block_table, self._live(seq, seq.num_computed_tokens)
+            )
             if copy is not None:
                 batch.copies.append(copy)
             self.blocks.grow(seq.block_table, target)
@@ -112,14 +128,17 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.block_table:
                 self._reuse_cached_prefix(seq)
+                self._evict(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.can_grow(seq.block_table, seq.num_computed_tokens + n):
+            target = self._live(seq, seq.num_computed_tokens + n)
+            if not self.blocks.can_grow(seq.block_table, target):
                 self.blocks.release(seq.block_table)  # give back any prefix blocks taken
                 seq.block_hashes.clear()
                 seq.num_computed_tokens = 0
+                seq.num_evicted_blocks = 0
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq.block_table, seq.num_computed_tokens + n)
+            self.blocks.grow(seq.block_table, target)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.add(seq, n)

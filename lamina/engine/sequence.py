@@ -48,6 +48,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks, in order
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache saved
+    num_evicted_blocks: int = 0  # blocks dropped from the front by a retention policy
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -79,6 +80,10 @@ class Sequence:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed_tokens < self.num_tokens - 1
+
+    def evicted_tokens(self, block_size: int) -> int:
+        """Logical positions minus this = index in the (compacted) live cache."""
+        return self.num_evicted_blocks * block_size
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

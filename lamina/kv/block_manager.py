@@ -133,17 +133,27 @@ class BlockManager:
         return blocks, hashes
 
     def register_full_blocks(
-        self, table: list[int], hashes: list[int], token_ids: Sequence[int], num_computed: int
+        self,
+        table: list[int],
+        hashes: list[int],
+        token_ids: Sequence[int],
+        num_computed: int,
+        sink_blocks: int = 0,
+        evicted: int = 0,
     ) -> None:
-        """Hash every block of `table` that is now full of computed tokens and index it, so
-        later requests with the same prefix can share it. `hashes` is extended in place."""
+        """Hash every block that is now full of computed tokens and index it, so later requests
+        with the same prefix can share it. `hashes` (one per logical block) is extended in place.
+        With evicted blocks, logical block i >= sink_blocks sits at table[i - evicted]."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
         for i in range(len(hashes), num_computed // bs):
             h = block_hash(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs])
             hashes.append(h)
-            block = table[i]
+            index = i if i < sink_blocks else i - evicted
+            if index < sink_blocks and i >= sink_blocks:
+                continue  # already evicted: nothing to index
+            block = table[index]
             if h not in self.cached and self.hashes[block] is None:
                 self.cached[h] = block
                 self.hashes[block] = h

@@ -20,7 +20,7 @@ from lamina.kv.cache import LayerCache
 from lamina.layers.activation import silu_and_mul
 from lamina.layers.linear import Linear
 from lamina.layers.norm import RMSNorm
-from lamina.layers.rotary import RotaryEmbedding
+from lamina.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 class LlamaAttention(nn.Module):
@@ -49,8 +49,12 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = paged_attention(q, k, v.contiguous(), kv, meta, self.scale)
+        if meta.streaming is None:
+            q, k = self.rotary(positions, q, k)
+        else:  # StreamingLLM: keys are cached un-rotated and rotated when read
+            cos, sin = self.rotary.cos_sin(positions, q.dtype)
+            q, k = apply_rotary(q, cos, sin, self.rotary.rotary_dim), k.contiguous()
+        out = paged_attention(q, k, v.contiguous(), kv, meta, self.scale, self.rotary)
         return self.o_proj(out.view(-1, self.q_size))
 
 
