@@ -30,6 +30,33 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "int8"],
+        help="int8: per-token-per-head scaled KV cache (~3.8x the tokens of fp32)",
+    )
+    p.add_argument(
+        "--attention-sinks",
+        type=int,
+        default=0,
+        help="StreamingLLM: first tokens always kept (with --sliding-window)",
+    )
+    p.add_argument(
+        "--sliding-window",
+        type=int,
+        default=None,
+        help="StreamingLLM: keep only the last W tokens (plus the sinks) per request",
+    )
+    p.add_argument(
+        "--h2o-heavy",
+        type=int,
+        default=None,
+        help="H2O: heavy-hitter tokens kept per request (with --h2o-recent)",
+    )
+    p.add_argument(
+        "--h2o-recent", type=int, default=None, help="H2O: most recent tokens kept per request"
+    )
+    p.add_argument(
         "--rope-scaling",
         default=None,
         help='override RoPE scaling, e.g. \'{"rope_type": "dynamic", "factor": 4}\' '
@@ -69,6 +96,11 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
             max_model_len=args.max_model_len,
             block_size=args.block_size,
             rope_scaling=args.rope_scaling,
+            kv_cache_dtype=args.kv_cache_dtype,
+            attention_sinks=args.attention_sinks,
+            sliding_window=args.sliding_window,
+            h2o_heavy=args.h2o_heavy,
+            h2o_recent=args.h2o_recent,
         )
 
 

@@ -414,6 +414,10 @@ class CacheConfig:
     # `sliding_window` tokens of each request; blocks that leave the window are freed.
     attention_sinks: int = 0
     sliding_window: int | None = None
+    # H2O (Zhang et al., 2023): keep the `h2o_recent` newest tokens and the `h2o_heavy` tokens
+    # with the largest accumulated attention; off unless both are set.
+    h2o_heavy: int | None = None
+    h2o_recent: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -432,6 +436,19 @@ class CacheConfig:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
         if self.attention_sinks and self.sliding_window is None:
             raise ValueError("attention_sinks needs sliding_window (StreamingLLM keeps both)")
+        if (self.h2o_heavy is None) != (self.h2o_recent is None):
+            raise ValueError("H2O needs both h2o_heavy and h2o_recent (token counts)")
+        if self.h2o_heavy is not None and (self.h2o_heavy < 0 or self.h2o_recent < 1):
+            raise ValueError(
+                f"h2o_heavy must be >= 0 and h2o_recent >= 1, got {self.h2o_heavy}, "
+                f"{self.h2o_recent}"
+            )
+        if self.h2o_heavy is not None and self.sliding_window is not None:
+            raise ValueError("choose one KV retention policy: StreamingLLM or H2O, not both")
+
+    @property
+    def h2o(self) -> bool:
+        return self.h2o_heavy is not None
 
     @property
     def streaming(self) -> bool:

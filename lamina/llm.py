@@ -36,6 +36,8 @@ class LLM:
     attention_sinks / sliding_window: StreamingLLM, keep the first S and the last W tokens of
         each request in the cache (blocks leaving the window are freed): bounded memory per
         request, unbounded length. max_model_len then defaults to 1M tokens.
+    h2o_heavy / h2o_recent: H2O eviction, a per-request budget of the most recent tokens plus
+        the heavy hitters (largest accumulated attention); off by default.
     kv_cache_dtype: "auto" (the model dtype) or "int8" (per-token-per-head scales: ~3.8x the
         tokens of a float32 cache in the same bytes).
     rope_scaling: override the checkpoint's RoPE scheme, e.g. {"rope_type": "yarn", "factor": 4};
@@ -60,6 +62,8 @@ class LLM:
         kv_cache_dtype: str = "auto",
         attention_sinks: int = 0,
         sliding_window: int | None = None,
+        h2o_heavy: int | None = None,
+        h2o_recent: int | None = None,
     ) -> None:
         loaded = load_model(model, dtype, rope_scaling)
         cache = CacheConfig(
@@ -69,6 +73,8 @@ class LLM:
             kv_cache_dtype=kv_cache_dtype,
             attention_sinks=attention_sinks,
             sliding_window=sliding_window,
+            h2o_heavy=h2o_heavy,
+            h2o_recent=h2o_recent,
         )
         rope = loaded.config.rope
         trained = loaded.config.max_position_embeddings
@@ -78,7 +84,7 @@ class LLM:
             trained,
             num_blocks_for(loaded.config, cache, loaded.model.dtype) * block_size,
         )
-        if sliding_window is not None and max_model_len is None:
+        if (sliding_window is not None or h2o_heavy is not None) and max_model_len is None:
             max_len = 1 << 20  # length is no longer bounded by the cache
         self.engine = LLMEngine(
             loaded,

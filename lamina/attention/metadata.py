@@ -20,6 +20,17 @@ class StreamingWindow:
 
 
 @dataclass
+class H2OAttention:
+    """H2O attention, per sequence: the kept slots (new tokens included, in order), their
+    logical positions, and the accumulated attention each kept token has received, which the
+    backend adds to in place."""
+
+    slots: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    scores: list[torch.Tensor]
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step layout of the flat token batch.
 
@@ -43,6 +54,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None
     decode_max_ctx: int = 0
     streaming: StreamingWindow | None = None
+    h2o: H2OAttention | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -55,6 +67,7 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str = "cpu",
+        slots_from_tables: bool = True,
     ) -> AttentionMetadata:
         """Derive slot mapping, padded block tables and the decode mask from per-sequence facts."""
         slots: list[int] = []
@@ -63,7 +76,7 @@ class AttentionMetadata:
         for qlen, ctx, table in zip(query_lens, context_lens, block_tables):
             starts.append(pos)
             pos += qlen
-            for p in range(ctx - qlen, ctx):
+            for p in range(ctx - qlen, ctx) if slots_from_tables else ():
                 slots.append(table[p // block_size] * block_size + p % block_size)
         width = max((len(t) for t in block_tables), default=1) or 1
         padded = [t + [0] * (width - len(t)) for t in block_tables]

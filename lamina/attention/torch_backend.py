@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from lamina.attention.metadata import AttentionMetadata, StreamingWindow
+from lamina.attention.metadata import AttentionMetadata, H2OAttention, StreamingWindow
 from lamina.kv.cache import LayerCache
 from lamina.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -39,6 +39,10 @@ def paged_attention(
     cache.write(k, v, meta.slot_mapping)
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
+    if meta.h2o is not None:
+        for i in range(meta.num_seqs):
+            _h2o(q, cache, meta, meta.h2o, i, scale, groups, out)
+        return out
     if meta.streaming is not None:
         assert rotary is not None, "StreamingLLM rotates keys on read"
         for i in range(meta.num_seqs):
@@ -135,3 +139,28 @@ def _streaming(
     vi = expand_kv_heads(rearrange(vi, "t h d -> 1 h t d"), groups)
     oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=visible[None, None], scale=scale)
     out[start : start + qlen] = rearrange(oi, "1 h t d -> t h d")
+
+
+def _h2o(
+    q: torch.Tensor,
+    cache: LayerCache,
+    meta: AttentionMetadata,
+    h2o: H2OAttention,
+    i: int,
+    scale: float,
+    groups: int,
+    out: torch.Tensor,
+) -> None:
+    """Attention over one sequence's kept tokens, written out so the probabilities can be
+    accumulated into each kept token's heavy-hitter score."""
+    start, qlen = meta.query_starts[i], meta.query_lens[i]
+    ki, vi = cache.gather_slots(h2o.slots[i])
+    key_pos = h2o.positions[i]
+    q_pos = key_pos[-qlen:]
+    qi = rearrange(q[start : start + qlen], "t (h g) d -> h g t d", g=groups)
+    scores = torch.einsum("hgtd,lhd->hgtl", qi.float(), ki.float()) * scale
+    causal = key_pos[None, :] <= q_pos[:, None]
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    h2o.scores[i].add_(probs.sum(dim=(0, 1, 2)))
+    oi = torch.einsum("hgtl,lhd->thgd", probs, vi.float()).to(q.dtype)
+    out[start : start + qlen] = rearrange(oi, "t h g d -> t (h g) d")

@@ -40,6 +40,8 @@ class BeamSearchOutput:
 
 def beam_search(engine, prompt_ids: list[int], params: BeamSearchParams) -> BeamSearchOutput:  # noqa: ANN001
     """Run beam search for one prompt on `engine` (an LLMEngine)."""
+    if engine.policy is not None:
+        raise ValueError("beam search runs on a dense KV cache; turn StreamingLLM / H2O off")
     engine.validate_prompt(prompt_ids)
     limit = engine.scheduler_config.max_model_len - len(prompt_ids)
     max_tokens = min(params.max_tokens, limit)

@@ -16,6 +16,7 @@ from lamina.engine.sequence import Sequence, make_generator
 from lamina.engine.stats import EngineStats
 from lamina.kv.block_manager import BlockManager
 from lamina.kv.cache import KVCache, num_blocks_for
+from lamina.kv.h2o import H2OPolicy, H2OState
 from lamina.kv.policies import StreamingPolicy
 from lamina.loading.loader import LoadedModel
 from lamina.outputs import RequestOutput
@@ -39,17 +40,16 @@ class LLMEngine:
         )
         self.scheduler_config = sched
         num_blocks = num_blocks_for(loaded.config, self.cache_config, loaded.model.dtype)
-        self.block_manager = BlockManager(
-            num_blocks, self.cache_config.block_size, enable_prefix_caching
-        )
         cc = self.cache_config
-        self.policy = (
-            StreamingPolicy(cc.attention_sinks, cc.sliding_window, cc.block_size)
-            if cc.sliding_window is not None
-            else None
-        )
+        self.policy: StreamingPolicy | H2OPolicy | None = None
+        if cc.sliding_window is not None:
+            self.policy = StreamingPolicy(cc.attention_sinks, cc.sliding_window, cc.block_size)
+        elif cc.h2o_heavy is not None and cc.h2o_recent is not None:
+            self.policy = H2OPolicy(cc.h2o_heavy, cc.h2o_recent, cc.block_size)
+            enable_prefix_caching = False  # blocks with holes are no reusable prefix
+        self.block_manager = BlockManager(num_blocks, cc.block_size, enable_prefix_caching)
         per_request = self.block_manager.blocks_needed(sched.max_model_len)
-        if self.policy is not None:  # memory per request is bounded by the window
+        if self.policy is not None:  # memory per request is bounded by the policy
             per_request = min(per_request, self.policy.blocks_needed(sched.max_num_batched_tokens))
         if per_request > num_blocks:
             raise ValueError(
@@ -102,9 +102,17 @@ class LLMEngine:
                 f"token ids {bad[:5]} in logit_bias / stop_token_ids are outside "
                 f"the vocabulary [0, {vocab})"
             )
+        if isinstance(self.policy, H2OPolicy) and (params.best_of or 1) > 1:
+            raise ValueError("n / best_of > 1 cannot share blocks under H2O eviction; use n=1")
         req = Request(request_id, text, ids, params, self.tokenizer)
+        self.start_sequence(req.seqs[0])
         self.requests[request_id] = req
         self.scheduler.add(req.seqs[0])
+
+    def start_sequence(self, seq: Sequence) -> None:
+        """Per-sequence state a retention policy needs."""
+        if isinstance(self.policy, H2OPolicy):
+            seq.h2o = H2OState()
 
     def validate_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -143,21 +151,22 @@ class LLMEngine:
         quantized or windowed (StreamingLLM) cache actually gives."""
         self.validate_prompt(token_ids)
         seq = Sequence("__prompt_logits__", list(token_ids), SamplingParams(max_tokens=1))
+        self.start_sequence(seq)
         step = chunk_size or seq.num_tokens
-        bm, bs = self.block_manager, self.cache_config.block_size
+        bm = self.block_manager
         out = []
         try:
             while seq.num_computed_tokens < seq.num_tokens:
                 n = min(step, seq.num_tokens - seq.num_computed_tokens)
-                if self.policy is not None:
-                    self.policy.evict(seq, bm, seq.num_computed_tokens)
-                live = seq.num_computed_tokens + n - seq.evicted_tokens(bs)
-                if not bm.can_grow(seq.block_table, live):
+                self.scheduler.evict_for_step(seq)
+                target = self.scheduler.blocks_target(seq, n)
+                if not bm.can_grow(seq.block_table, target):
                     raise RuntimeError("not enough free KV blocks to score this prompt now")
-                bm.grow(seq.block_table, live)
+                bm.grow(seq.block_table, target)
                 hidden, _ = self.runner.forward(ScheduledBatch([seq], [n]))
                 out.append(self.runner.logits(hidden, list(range(n))))
                 seq.num_computed_tokens += n
+                self._evict_heavy_hitters(seq)
         finally:
             bm.release(seq.block_table)
         return torch.cat(out)
@@ -242,12 +251,17 @@ class LLMEngine:
                 seq.block_hashes,
                 seq.token_ids,
                 seq.num_computed_tokens,
-                self.policy.sink_blocks if self.policy else 0,
+                self.policy.sink_blocks if isinstance(self.policy, StreamingPolicy) else 0,
                 seq.num_evicted_blocks,
             )
+            self._evict_heavy_hitters(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 sampling.append(seq)
         return sampling
+
+    def _evict_heavy_hitters(self, seq: Sequence) -> None:
+        if isinstance(self.policy, H2OPolicy) and seq.h2o is not None:
+            self.policy.evict(seq.h2o)
 
     def _sample(self, sampling: list[Sequence], logits: torch.Tensor) -> set[str]:
         rows: list[int] = []

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from lamina.attention.metadata import AttentionMetadata, StreamingWindow
+from lamina.attention.metadata import AttentionMetadata, H2OAttention, StreamingWindow
 from lamina.engine.scheduler import ScheduledBatch
 from lamina.kv.cache import KVCache
+from lamina.kv.h2o import H2OPolicy
 from lamina.kv.policies import StreamingPolicy
 from lamina.models.llama import LlamaForCausalLM
 
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForCausalLM, cache: KVCache, policy: StreamingPolicy | None = None
+        self,
+        model: LlamaForCausalLM,
+        cache: KVCache,
+        policy: StreamingPolicy | H2OPolicy | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -45,13 +49,30 @@ class ModelRunner:
             context_lens,
             [s.block_table for s in batch.seqs],
             bs,
+            slots_from_tables=not isinstance(self.policy, H2OPolicy),  # H2O assigns its own
         )
-        if self.policy is not None:
+        if isinstance(self.policy, StreamingPolicy):
             meta.streaming = StreamingWindow(
                 self.policy.sinks, self.policy.window, self.policy.sink_blocks * bs, offsets
             )
+        elif isinstance(self.policy, H2OPolicy):
+            meta.h2o, meta.slot_mapping = self._h2o_layout(batch)
         hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv, meta)
         return hidden, starts
+
+    def _h2o_layout(self, batch: ScheduledBatch) -> tuple[H2OAttention, torch.Tensor]:
+        """Give the new tokens slots (holes first) and list every sequence's kept tokens."""
+        assert isinstance(self.policy, H2OPolicy)
+        slots: list[int] = []
+        info = H2OAttention([], [], [])
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            assert seq.h2o is not None
+            start = seq.num_computed_tokens
+            slots += self.policy.assign(seq.h2o, seq.block_table, range(start, start + n))
+            info.slots.append(torch.tensor(seq.h2o.slots))
+            info.positions.append(torch.tensor(seq.h2o.positions))
+            info.scores.append(seq.h2o.scores)
+        return info, torch.tensor(slots, dtype=torch.int64)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:

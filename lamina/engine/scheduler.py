@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from lamina.config import SchedulerConfig
 from lamina.engine.sequence import Sequence, SequenceStatus
 from lamina.kv.block_manager import BlockManager
+from lamina.kv.h2o import H2OPolicy
 from lamina.kv.policies import StreamingPolicy
 
 
@@ -79,6 +80,8 @@ class Scheduler:
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
         seq.num_evicted_blocks = 0
+        if seq.h2o is not None:
+            seq.h2o.reset()
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.stats.num_preemptions += 1
@@ -89,8 +92,17 @@ class Scheduler:
         """A logical token count or position as an index into the sequence's live blocks."""
         return position - seq.evicted_tokens(self.blocks.block_size)
 
-    def _evict(self, seq: Sequence) -> None:
-        if self.policy is not None:
+    def blocks_target(self, seq: Sequence, n: int) -> int:
+        """Tokens the block table must hold to feed `n` more tokens."""
+        if isinstance(self.policy, H2OPolicy):
+            assert seq.h2o is not None
+            return self.policy.live_tokens_after(seq.h2o, n)
+        return self._live(seq, seq.num_computed_tokens + n)
+
+    def evict_for_step(self, seq: Sequence) -> None:
+        """Let a block-level retention policy (StreamingLLM) drop what the next step no longer
+        sees."""
+        if isinstance(self.policy, StreamingPolicy):
             self.policy.evict(seq, self.blocks, seq.num_computed_tokens)
 
     def _needs_copy(self, seq: Sequence) -> bool:
@@ -107,8 +119,8 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n <= 0:
                 continue
-            self._evict(seq)
-            target = self._live(seq, seq.num_computed_tokens + n)
+            self.evict_for_step(seq)
+            target = self.blocks_target(seq, n)
             while not self.blocks.can_grow(seq.block_table, target, int(self._needs_copy(seq))):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -128,9 +140,9 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.block_table:
                 self._reuse_cached_prefix(seq)
-                self._evict(seq)
+                self.evict_for_step(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            target = self._live(seq, seq.num_computed_tokens + n)
+            target = self.blocks_target(seq, n)
             if not self.blocks.can_grow(seq.block_table, target):
                 self.blocks.release(seq.block_table)  # give back any prefix blocks taken
                 seq.block_hashes.clear()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lamina.kv.h2o import H2OState
 from lamina.outputs import SampleLogprobs
 from lamina.sampling_params import SamplingParams
 
@@ -49,6 +50,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache saved
     num_evicted_blocks: int = 0  # blocks dropped from the front by a retention policy
+    h2o: H2OState | None = None  # kept-token bookkeeping under H2O eviction
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

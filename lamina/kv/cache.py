@@ -89,6 +89,23 @@ class LayerCache:
             out.append(x)
         return out[0], out[1]
 
+    def gather_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Single token slots -> K, V [n, Hkv, D] (for token-level policies such as H2O)."""
+        return (
+            _gather_rows(self.k, self.k_scale, slots, self.dtype),
+            _gather_rows(self.v, self.v_scale, slots, self.dtype),
+        )
+
+
+def _gather_rows(
+    cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    x = cache.view(-1, *cache.shape[2:]).index_select(0, slots)
+    if scales is not None:
+        s = scales.view(-1, scales.shape[-1]).index_select(0, slots)
+        x = (x.to(torch.float32) * s.unsqueeze(-1)).to(dtype)
+    return x
+
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per token and head: x [T, H, D] -> (int8 [T, H, D], scale [T, H])."""
