@@ -33,6 +33,7 @@ class BlockManager:
         self.hashes: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # hash -> block holding that content
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.peak_used_blocks = 0  # high-water mark (benchmarks reset it to 0)
 
     # ---- accounting -----------------------------------------------------------------------
     @property
@@ -65,6 +66,7 @@ class BlockManager:
                 del self.cached[old]
             self.hashes[block] = None
         self.ref_counts[block] = 1
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
         return block
 
     def grow(self, table: list[int], num_tokens: int) -> None:
