@@ -14,8 +14,9 @@ import json
 import pytest
 import torch
 
-from lamina.config import ModelConfig, RopeConfig
+from lamina.config import ModelConfig
 from lamina.layers.rotary import RotaryEmbedding, apply_rotary, rope_inv_freq
+from lamina.rope_config import RopeConfig
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402

@@ -56,7 +56,8 @@ import math
 import torch
 from torch import nn
 
-from lamina.config import ModelConfig, RopeConfig
+from lamina.config import ModelConfig
+from lamina.rope_config import RopeConfig
 
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
 

@@ -9,13 +9,14 @@ from typing import Any
 
 import torch
 
-from lamina.config import ModelConfig, RopeConfig, parse_dtype
+from lamina.config import ModelConfig, parse_dtype
 from lamina.loading import gguf as gguf_loading
 from lamina.loading import hf
 from lamina.loading.resolve import resolve_model
 from lamina.loading.tokenizer import Tokenizer
 from lamina.models.llama import LlamaForCausalLM
 from lamina.quant.checkpoint import load_quantized, quant_config_of
+from lamina.rope_config import RopeConfig
 
 
 @dataclass
