@@ -199,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.set_defaults(func=cmd_convert)
     from lamina.eval.perplexity import add_ppl_parser
+    from lamina.quant.cli import add_quantize_parser
 
     add_ppl_parser(sub)
+    add_quantize_parser(sub)
     return parser
 
 

@@ -31,3 +31,15 @@ def check_shape(name: str, got: torch.Tensor, want: tuple[int, ...] | torch.Size
             f"quantized tensor {name} has shape {tuple(got.shape)}, expected {tuple(want)}; "
             "the checkpoint does not match its config"
         )
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself if contiguous and 64-byte aligned, else an aligned contiguous copy.
+
+    torch 2.13's `_weight_int8pack_mm` segfaults for M >= 4 rows when the weight's data pointer
+    is not 64-byte aligned, and tensors memory-mapped from safetensors sit at arbitrary offsets;
+    torch's own CPU allocations are 64-byte aligned.
+    """
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lamina.quant.base import check_shape
+from lamina.quant.base import aligned, check_shape
 
 COMPUTE_DTYPE = torch.bfloat16
 HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
@@ -98,8 +98,8 @@ class Int8Linear(nn.Module):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         check_shape("qweight", tensors["qweight"], self.qweight.shape)
         check_shape("scales", tensors["scales"], self.scales.shape)
-        self.qweight = tensors["qweight"].to(torch.int8).contiguous()
-        self.scales = tensors["scales"].to(COMPUTE_DTYPE).contiguous()
+        self.qweight = aligned(tensors["qweight"].to(torch.int8))
+        self.scales = aligned(tensors["scales"].to(COMPUTE_DTYPE))
         if self.bias is not None:
             self.bias.data = tensors["bias"].to(self.bias.dtype)
 
