@@ -184,6 +184,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
+        self._memo: tuple | None = None
         self._build_cache(self.max_pos)
 
     def _angles(self, positions: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
@@ -207,7 +208,20 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for the given positions, [T, 1, rotary_dim]. The table (grown on demand)
-        serves every token unless dynamic NTK gets explicit `seq_lens`, computed per token."""
+        serves every token unless dynamic NTK gets explicit `seq_lens`, computed per token.
+
+        Every layer asks with the same `positions` tensor in one forward pass: the last answer is
+        kept and reused (a decode step would otherwise repeat the lookup 30 times)."""
+        memo = self._memo
+        if memo is not None and memo[0] is positions and memo[1] is seq_lens and memo[2] == dtype:
+            return memo[3], memo[4]
+        cos, sin = self._lookup(positions, dtype, seq_lens)
+        self._memo = (positions, seq_lens, dtype, cos, sin)
+        return cos, sin
+
+    def _lookup(
+        self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.dynamic and seq_lens is not None:
             cos, sin = self._cos_sin_of(self._angles(positions, seq_lens))
             return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
