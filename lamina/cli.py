@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
     from lamina.eval.perplexity import add_ppl_parser
     from lamina.quant.cli import add_quantize_parser
+    from lamina.server.cli import add_serve_parser
 
+    add_serve_parser(sub)
     add_ppl_parser(sub)
     add_quantize_parser(sub)
     return parser

@@ -1,0 +1,7 @@
+"""`python -m lamina.server ...`: the same as `lamina serve ...`."""
+
+import sys
+
+from lamina.server.cli import main
+
+sys.exit(main())

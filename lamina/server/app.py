@@ -1,0 +1,192 @@
+"""The FastAPI application: OpenAI routes, tokenizer routes, /health and /metrics, API-key
+auth, a body-size bound, and OpenAI-shaped errors for everything (see errors.py)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lamina.engine.llm_engine import LLMEngine
+from lamina.server.async_engine import AsyncEngine
+from lamina.server.chat import create_chat_completion, render_chat
+from lamina.server.completions import create_completion
+from lamina.server.errors import APIError, install_error_handlers
+from lamina.server.metrics import CONTENT_TYPE, ServerMetrics
+from lamina.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+)
+from lamina.server.serving import Serving
+from lamina.server.settings import ServerSettings
+
+
+class BodyLimitMiddleware:
+    """Reads each request body up to `max_bytes` before the app sees it (413 beyond), so a
+    client cannot make the server buffer or parse an unbounded body."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(f"the request body exceeds {self.max_bytes} bytes", 413)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await too_large.response()(scope, receive, send)
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await too_large.response()(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # afterwards: http.disconnect when the client leaves
+
+        await self.app(scope, replay, send)
+
+
+def build_app(engine: LLMEngine | AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
+    """An app over `engine`; the engine thread runs while the app's lifespan does."""
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics(settings.served_model_name)
+    if isinstance(engine, AsyncEngine):
+        async_engine = engine
+        async_engine.observer = metrics
+    else:
+        async_engine = AsyncEngine(engine, metrics, settings.max_pending_requests)
+    metrics.attach(async_engine)
+    sv = Serving(async_engine, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        try:
+            yield
+        finally:
+            await async_engine.drain(0.0)
+            await async_engine.stop()
+
+    app = FastAPI(title="lamina", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.serving = sv
+    app.state.engine = async_engine
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    async def check_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), settings.api_key.encode()
+        ):
+            raise APIError(
+                "Incorrect or missing API key; send 'Authorization: Bearer <key>'.",
+                401,
+                code="invalid_api_key",
+            )
+
+    api = APIRouter(dependencies=[Depends(check_key)])
+
+    @api.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = ModelCard(id=sv.model_name, root=sv.model_name, max_model_len=sv.max_model_len)
+        return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
+
+    @api.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        return await create_completion(sv, req, raw)
+
+    @api.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, raw: Request) -> Response:
+        return await create_chat_completion(sv, req, raw)
+
+    for prefix in ("", "/v1"):
+        api.add_api_route(f"{prefix}/tokenizer_info", tokenizer_info, methods=["GET"])
+        api.add_api_route(f"{prefix}/tokenize", tokenize, methods=["POST"])
+        api.add_api_route(f"{prefix}/detokenize", detokenize, methods=["POST"])
+    app.include_router(api)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+async def tokenizer_info(request: Request) -> JSONResponse:
+    sv = _serving(request)
+    tok = sv.tokenizer
+    info = TokenizerInfo(
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        pad_token=tok.pad_token,
+        unk_token=tok.unk_token,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        add_bos_token=tok.add_bos_token,
+        add_eos_token=tok.add_eos_token,
+        chat_template=tok.chat_template,
+        model_max_length=sv.max_model_len,
+        vocab_size=tok.vocab_size,
+    )
+    return JSONResponse(info.model_dump(mode="json"))
+
+
+async def tokenize(req: TokenizeRequest, request: Request) -> JSONResponse:
+    sv = _serving(request)
+    sv.check_model(req.model)
+    if req.messages is not None:
+        ids = render_chat(sv, req.messages, req.add_generation_prompt)
+    elif req.prompt is not None:
+        ids = sv.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    else:
+        raise APIError("give either prompt or messages", 400, param="prompt")
+    strs = sv.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    result = TokenizeResponse(
+        count=len(ids), max_model_len=sv.max_model_len, tokens=ids, token_strs=strs
+    )
+    return JSONResponse(result.model_dump(mode="json", exclude_none=True))
+
+
+async def detokenize(req: DetokenizeRequest, request: Request) -> JSONResponse:
+    sv = _serving(request)
+    sv.check_model(req.model)
+    bad = [t for t in req.tokens if not 0 <= t < sv.tokenizer.vocab_size]
+    if bad:
+        raise APIError(f"token ids {bad[:5]} are outside the vocabulary", 400, param="tokens")
+    return JSONResponse(DetokenizeResponse(prompt=sv.tokenizer.decode(req.tokens)).model_dump())

@@ -1,0 +1,173 @@
+"""`lamina serve`: load a model and serve it over HTTP with uvicorn.
+
+`add_serve_parser(subparsers)` / `cmd_serve(args)` plug into the `lamina` command;
+`python -m lamina.server` runs the same parser on its own (the tests and benchmarks use that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lamina.server.settings import ServerSettings
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="Hugging Face folder or .gguf file (default: the SmolLM2 GGUF)",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LAMINA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $LAMINA_API_KEY)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients send (default: the model file's name)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 if the CPU has bf16 kernels, else fp32), float32, bfloat16, float16",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + output in tokens (default: the model's context)",
+    )
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one engine step (longer prompts prefill in chunks)",
+    )
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-body-bytes", type=int, default=ServerSettings.max_body_bytes)
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="longest prompt accepted (default: what the context holds)",
+    )
+    p.add_argument(
+        "--max-n", type=int, default=ServerSettings.max_n, help="largest n / best_of accepted"
+    )
+    p.add_argument(
+        "--max-pending-requests",
+        type=int,
+        default=ServerSettings.max_pending_requests,
+        help="requests in flight before new ones get 503",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=ServerSettings.shutdown_grace,
+        help="seconds running requests get to finish on SIGINT/SIGTERM; the rest "
+        "end with finish_reason 'abort'",
+    )
+    p.add_argument("--log-level", default="info")
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def _model_name(model: str | None) -> str:
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    name = os.path.basename(os.path.normpath(model))
+    return name.removesuffix(".gguf") or model
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lamina.llm import LLM
+    from lamina.server.app import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("lamina.server")
+    settings = ServerSettings(
+        served_model_name=args.served_model_name or _model_name(args.model),
+        api_key=args.api_key or None,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_n=args.max_n,
+        max_pending_requests=args.max_pending_requests,
+        shutdown_grace=args.shutdown_grace,
+    )
+    log.info("loading %s", args.model or "the default SmolLM2 GGUF")
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        kv_cache_bytes=args.kv_cache_bytes,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+    app = build_app(llm.engine, settings)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=max(args.shutdown_grace, 0) + 5,
+    )
+    server = _graceful_server(config, app.state.engine, settings.shutdown_grace)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        log.warning(
+            "serving on %s without --api-key: anyone who can reach it can use it", args.host
+        )
+    log.info("serving %r on http://%s:%d/v1", settings.served_model_name, args.host, args.port)
+    server.run()
+    return 0
+
+
+def _graceful_server(config: Any, engine: Any, grace: float) -> Any:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, but on SIGINT/SIGTERM it first stops listening, lets running
+        requests finish for `grace` seconds, then aborts the rest so every stream still ends
+        with a final chunk and `[DONE]` instead of a cut connection."""
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            for server in self.servers:
+                server.close()
+            await engine.drain(grace)
+            await super().shutdown(sockets)
+
+    return GracefulServer(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lamina serve", description="OpenAI-compatible server")
+    add_serve_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_serve(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"lamina serve: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,294 @@
+"""What both generation endpoints share: settings, prompt and parameter checks that turn bad
+input into 400s before it reaches the engine, logprob shapes, and per-choice stream cursors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from lamina.outputs import CompletionOutput, Logprob, RequestOutput
+from lamina.sampling_params import SamplingParams
+from lamina.server.async_engine import AsyncEngine, EngineClosed, EngineOverloaded, RequestStream
+from lamina.server.errors import APIError, from_value_error
+from lamina.server.metrics import ServerMetrics
+from lamina.server.protocol import (
+    CompletionLogprobs,
+    SamplingFields,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from lamina.server.settings import ServerSettings
+from lamina.streaming import stop_holdback
+
+_SEED_LIMIT = 1 << 63
+
+
+class Serving:
+    """The engine, tokenizer and settings the route handlers work with."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics):
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.scheduler_config.max_model_len
+        self.vocab_size = engine.engine.model_config.vocab_size
+        limit = settings.max_prompt_tokens
+        self.max_prompt_tokens = min(limit or self.max_model_len, self.max_model_len - 1)
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                400,
+                param="model",
+                code="model_not_found",
+            )
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def resolve_max_tokens(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
+        """Check the prompt and prompt + max_tokens against the context; None means all the
+        room that is left (OpenAI chat's default)."""
+        limit = self.max_model_len
+        if n_prompt > self.max_prompt_tokens:
+            raise APIError(
+                f"The prompt has {n_prompt} tokens; this server accepts at most "
+                f"{self.max_prompt_tokens} (context: {limit} tokens).",
+                400,
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            return limit - n_prompt
+        if n_prompt + max_tokens > limit:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the prompt or max_tokens.",
+                400,
+                param=param,
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    def sampling_params(
+        self,
+        req: SamplingFields,
+        *,
+        best_of: int | None,
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
+        """The request's fields as SamplingParams; its range errors become 400s."""
+        limit = self.settings.max_n
+        for name, v in (("n", req.n), ("best_of", best_of)):
+            if v is not None and v > limit:
+                raise APIError(
+                    f"{name}={v} is invalid; this server allows at most {limit}", 400, param=name
+                )
+        if req.seed is not None and not -_SEED_LIMIT <= req.seed < _SEED_LIMIT - limit:
+            raise APIError(f"seed={req.seed} is invalid; it must fit in 64 bits", param="seed")
+        bias = None
+        if req.logit_bias:
+            try:
+                bias = {int(k): v for k, v in req.logit_bias.items()}
+            except ValueError:
+                raise APIError("logit_bias keys must be token ids", param="logit_bias") from None
+        for name, ids in (("logit_bias", bias or {}), ("stop_token_ids", req.stop_token_ids or [])):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise APIError(
+                    f"{name} has token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})",
+                    param=name,
+                )
+        kwargs: dict[str, Any] = dict(
+            n=req.n,
+            best_of=best_of,
+            max_tokens=max_tokens,
+            stop=req.stop,
+            seed=req.seed,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            min_tokens=req.min_tokens,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            skip_special_tokens=req.skip_special_tokens,
+            logit_bias=bias,
+        )
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        ):
+            if getattr(req, name) is not None:
+                kwargs[name] = getattr(req, name)
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as e:
+            raise from_value_error(e) from None
+
+    async def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
+        try:
+            stream = await self.engine.submit(prompts, params)
+        except ValueError as e:
+            raise from_value_error(e, "prompt") from None
+        except EngineClosed as e:
+            raise APIError(str(e), 503) from None
+        except EngineOverloaded as e:
+            raise APIError(f"the server is busy: {e}; retry later", 503) from None
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        return stream
+
+    # ---- logprob shapes -------------------------------------------------------------------
+    def completion_logprobs(
+        self,
+        token_ids: Iterable[int],
+        entries: Iterable[dict[int, Logprob] | None],
+        offset: int,
+        into: CompletionLogprobs | None = None,
+    ) -> tuple[CompletionLogprobs, int]:
+        """Legacy completions logprobs (tokens, token_logprobs, top_logprobs, text_offset).
+        The token's own value is the engine's number, untouched: lm-eval tests greediness with
+        `token_logprob == max(top_logprobs.values())`, and both come from one tensor."""
+        lp = into or CompletionLogprobs()
+        for tid, entry in zip(token_ids, entries):
+            if entry is None:  # the first prompt token has no context
+                token, value, top = self.decode_token(tid), None, None
+            else:
+                own = entry[tid]
+                token = own.decoded_token or self.decode_token(tid)
+                value = own.logprob
+                top = {}
+                for t, e in entry.items():
+                    key = e.decoded_token or self.decode_token(t)
+                    top[key] = max(top.get(key, float("-inf")), e.logprob)
+            lp.tokens.append(token)
+            lp.token_logprobs.append(value)
+            lp.top_logprobs.append(top)
+            lp.text_offset.append(offset)
+            offset += len(token)
+        return lp, offset
+
+    def chat_logprobs(
+        self, token_ids: Iterable[int], entries: Iterable[dict[int, Logprob]], top_n: int
+    ) -> list[TokenLogprob]:
+        out = []
+        for tid, entry in zip(token_ids, entries):
+            own = entry[tid]
+            ranked = sorted(
+                (lp.rank, -lp.logprob, t, lp)
+                for t, lp in entry.items()
+                if lp.rank is not None and lp.rank <= top_n
+            )[:top_n]
+            tops = [self._top(t, lp) for _, _, t, lp in ranked]
+            out.append(TokenLogprob(**self._top(tid, own).model_dump(), top_logprobs=tops))
+        return out
+
+    def _top(self, tid: int, lp: Logprob) -> TopLogprob:
+        token = lp.decoded_token if lp.decoded_token is not None else self.decode_token(tid)
+        return TopLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode("utf-8")))
+
+
+@dataclass
+class ChoiceCursor:
+    """How much of one choice has been streamed. Text that might still turn into a stop string
+    is held back (a stop string is cut out of the output, so its prefix must never be sent)."""
+
+    text_sent: int = 0
+    tokens_sent: int = 0
+    started: bool = False
+    finished: bool = False
+
+    def advance(self, out: CompletionOutput, stops: list[str]) -> tuple[str, int, int] | None:
+        """(new text, first new token, end token) to send now, or None if nothing is due."""
+        done = out.finish_reason is not None
+        text = out.text
+        end = len(text) if done else len(text) - stop_holdback(text, stops)
+        if end <= self.text_sent and not done:
+            return None
+        delta = text[self.text_sent : end] if end > self.text_sent else ""
+        t0, t1 = self.tokens_sent, len(out.token_ids)
+        self.text_sent = max(end, self.text_sent)
+        self.tokens_sent = t1
+        self.finished = done
+        return delta, t0, t1
+
+
+def usage(prompt_tokens: int, outputs: Iterable[CompletionOutput]) -> Usage:
+    completion = sum(len(o.token_ids) for o in outputs)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+    )
+
+
+def final_outputs(out: RequestOutput | None, n: int) -> list[CompletionOutput]:
+    """The n choices of a request; any the server aborted (shutdown) end with "abort"."""
+    outs = list(out.outputs) if out is not None else []
+    outs += [CompletionOutput(i, "", []) for i in range(len(outs), n)]
+    for o in outs:
+        if o.finish_reason is None:
+            o.finish_reason = "abort"
+    return outs[:n]
+
+
+async def collect(stream: RequestStream) -> dict[int, RequestOutput | None]:
+    """Wait for every request of the stream; the last output of each (None if aborted
+    before producing any)."""
+    last: dict[int, RequestOutput | None] = dict.fromkeys(range(len(stream.ids)))
+    async for i, out in stream:
+        if out is not None:
+            last[i] = out
+    return last
+
+
+def sse(obj: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event; fields left unset (role, usage, ...) are omitted, as vLLM does."""
+    if isinstance(obj, BaseModel):
+        data = obj.model_dump_json(exclude_unset=True)
+    else:
+        data = json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """An SSE response that always closes its engine requests when it ends, however it ends:
+    finished, client disconnected (Starlette cancels the body), or server shutdown. Closing in
+    the response rather than in the body generator also covers a disconnect that happens
+    before the generator first runs."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.headers["Cache-Control"] = "no-cache"
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
