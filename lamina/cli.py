@@ -134,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.set_defaults(func=cmd_convert)
     from lamina.eval.perplexity import add_ppl_parser
+    from lamina.prune.cli import add_prune_parser
     from lamina.quant.cli import add_quantize_parser
     from lamina.server.cli import add_serve_parser
 
     add_serve_parser(sub)
     add_ppl_parser(sub)
     add_quantize_parser(sub)
+    add_prune_parser(sub)
     return parser
 
 

@@ -1,0 +1,169 @@
+"""`lamina prune` and the checkpoint it writes.
+
+    lamina prune --method wanda --model M --calib text.txt --out DIR \\
+        [--sparsity 0.5 | --n-m 2:4] [--num-calib-tokens 16384] [--seq-len 512]
+
+A pruned model is still a dense float model (zeros in place of pruned weights), so it is saved
+as a plain Hugging Face Llama folder under the unfused names (q/k/v, gate/up split back out of
+lamina's fused rows): `load_model`, `LLM(...)`, `lamina run / serve` and transformers all load
+it with no special code. config.json carries a `pruning_config` block saying what was done;
+every loader ignores it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lamina.config import ModelConfig
+from lamina.loading import hf
+from lamina.models.llama import LlamaForCausalLM
+from lamina.prune.magnitude import parse_n_m, sparsity_of
+from lamina.prune.wanda import METHODS, PruneConfig
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def hf_state(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's tensors under Hugging Face names, fused parameters split back into their
+    q/k/v and gate/up rows: exactly the inverse of `LlamaForCausalLM.load_weights`."""
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(model.expected_weights()):
+        param, shard = model._target(name)
+        if shard is None:
+            out[name] = param.detach().contiguous()
+        else:  # a row slice of a fused parameter; a copy, as safetensors refuses shared memory
+            start, size = model._shard_rows(name.split(".")[4], shard)
+            out[name] = param.detach().narrow(0, start, size).clone()
+    return out
+
+
+def save_pruned(
+    model: LlamaForCausalLM,
+    config: ModelConfig,
+    tokenizer: Any,
+    out_dir: str | Path,
+    generation_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write a pruned model (after `prune_model`) as a Hugging Face folder; returns the path."""
+    pcfg: PruneConfig | None = getattr(model, "prune_config", None)
+    if pcfg is None:
+        raise ValueError("the model is not pruned; call prune_model first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    hf_config = config.to_hf()
+    hf_config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    hf_config["pruning_config"] = pcfg.to_json()
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        hf_config["pad_token_id"] = tokenizer.pad_token_id
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    gen = dict(generation_config or {})
+    gen.setdefault("bos_token_id", config.bos_token_id)
+    gen.setdefault("eos_token_id", hf_config["eos_token_id"])
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tokenizer.save_hf(out)
+    return out
+
+
+def pruning_config_of(folder: str | Path) -> dict[str, Any] | None:
+    """The `pruning_config` block of a model folder, or None if it was not pruned by lamina."""
+    path = Path(folder) / "config.json"
+    block = hf.read_json(path).get("pruning_config") if path.is_file() else None
+    return block if isinstance(block, dict) else None
+
+
+def _n_m(text: str) -> tuple[int, int]:
+    try:
+        return parse_n_m(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_prune_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the `prune` sub-command; its handler is `cmd_prune`."""
+    p = subparsers.add_parser(
+        "prune",
+        help="prune a model (wanda, magnitude) into a Hugging Face folder lamina loads",
+        description="Unstructured or N:M pruning of the decoder linears. wanda scores weights "
+        "by |W| x input norm on --calib text; magnitude by |W| alone.",
+    )
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument(
+        "--model", "-m", default=None, help="float HF folder or .gguf (default: SmolLM2 GGUF)"
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--calib", default=None, help="UTF-8 text file for calibration (wanda)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--sparsity", type=float, default=0.5, help="fraction of weights pruned (unstructured)"
+    )
+    kind.add_argument("--n-m", type=_n_m, default=None, help="semi-structured N:M, e.g. 2:4")
+    p.add_argument(
+        "--group",
+        choices=("row", "layer"),
+        default=None,
+        help="comparison group for unstructured pruning (default: row for wanda, layer for "
+        "magnitude)",
+    )
+    p.add_argument(
+        "--num-calib-tokens", type=int, default=16384, help="calibration tokens read from --calib"
+    )
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument(
+        "--dense-calibration",
+        action="store_true",
+        help="wanda: statistics of the dense model in one pass (default: layer by layer through "
+        "the already-pruned layers, as the paper)",
+    )
+    p.add_argument(
+        "--dtype", default="float32", help="float32 (default), bfloat16, float16: compute and save"
+    )
+    p.set_defaults(func=cmd_prune)
+    return p
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Run `lamina prune`; returns the exit status."""
+    from rich.console import Console
+
+    from lamina.loading.loader import load_model
+    from lamina.prune.wanda import prune_model
+    from lamina.quant.calibrate import calib_ids_from_text
+
+    if args.method == "wanda" and not args.calib:
+        raise SystemExit("lamina prune: --method wanda needs --calib FILE (text)")
+    t0 = time.perf_counter()
+    console = Console(stderr=True)
+    with console.status("Loading model…", spinner="dots"):
+        loaded = load_model(args.model, args.dtype)
+    calib = None
+    if args.method == "wanda":
+        text = Path(args.calib).read_text(encoding="utf-8")
+        calib = calib_ids_from_text(loaded.tokenizer, text, args.num_calib_tokens, args.seq_len)
+    cfg = prune_model(
+        loaded.model,
+        args.method,
+        calib,
+        sparsity=args.sparsity,
+        n_m=args.n_m,
+        group=args.group,
+        sequential=not args.dense_calibration,
+        seq_len=args.seq_len,
+    )
+    with console.status("Saving…", spinner="dots"):
+        out = save_pruned(
+            loaded.model, loaded.config, loaded.tokenizer, args.out, loaded.generation_config
+        )
+    kind = f"{cfg.n_m} semi-structured" if cfg.n_m else f"{cfg.sparsity:.0%} unstructured"
+    print(
+        f"{cfg.method} {kind}: {sparsity_of(loaded.model):.1%} of decoder-linear weights are "
+        f"zero; wrote {out} in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
