@@ -27,7 +27,9 @@ def rss_mb():
             return int(line.split()[1]) / 1024
 """
 
-LAMINA = _RSS + """
+LAMINA = (
+    _RSS
+    + """
 import time, json
 t0 = time.perf_counter()
 import torch
@@ -41,8 +43,11 @@ weights = sum(p.numel() * p.element_size() for p in llm.engine.loaded.model.para
 print(json.dumps(dict(load_s=t_load, first_token_s=t_first, rss_mb=rss_mb(),
                       rss_over_torch_mb=rss_mb() - base, weights_mb=weights / 2**20)))
 """
+)
 
-TRANSFORMERS = _RSS + """
+TRANSFORMERS = (
+    _RSS
+    + """
 import time, json
 t0 = time.perf_counter()
 import torch
@@ -60,6 +65,7 @@ weights = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps(dict(load_s=t_load, first_token_s=t_first, rss_mb=rss_mb(),
                       rss_over_torch_mb=rss_mb() - base, weights_mb=weights / 2**20)))
 """
+)
 
 
 def run(code: str) -> dict:
@@ -88,19 +94,26 @@ def main() -> None:
         runs = [run(code) for _ in range(args.runs)]
         results[name] = summarize(runs)
         s = results[name]
-        print(f"{name:13s} first token {s['first_token_s']['median']:.2f} s "
-              f"({s['first_token_s']['min']:.2f}-{s['first_token_s']['max']:.2f}), "
-              f"load {s['load_s']['median']:.2f} s, RSS {s['rss_mb']['median']:.0f} MB "
-              f"(+{s['rss_over_torch_mb']['median']:.0f} MB over torch; "
-              f"weights {s['weights_mb']['median']:.0f} MB)")
+        print(
+            f"{name:13s} first token {s['first_token_s']['median']:.2f} s "
+            f"({s['first_token_s']['min']:.2f}-{s['first_token_s']['max']:.2f}), "
+            f"load {s['load_s']['median']:.2f} s, RSS {s['rss_mb']['median']:.0f} MB "
+            f"(+{s['rss_over_torch_mb']['median']:.0f} MB over torch; "
+            f"weights {s['weights_mb']['median']:.0f} MB)"
+        )
     if "transformers" in results:
-        ratio = (results["transformers"]["first_token_s"]["median"]
-                 / results["lamina"]["first_token_s"]["median"])
+        ratio = (
+            results["transformers"]["first_token_s"]["median"]
+            / results["lamina"]["first_token_s"]["median"]
+        )
         print(f"lamina reaches its first token {ratio:.1f}x sooner than transformers")
         results["speedup_vs_transformers"] = ratio
-    results["meta"] = {"date": time.strftime("%Y-%m-%d"), "runs": args.runs,
-                       "machine": f"{platform.machine()}, {platform.processor() or ''}".strip(", "),
-                       "python": platform.python_version()}
+    results["meta"] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "runs": args.runs,
+        "machine": f"{platform.machine()}, {platform.processor() or ''}".strip(", "),
+        "python": platform.python_version(),
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "load_time.json").write_text(json.dumps(results, indent=2))
 

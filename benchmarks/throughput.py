@@ -39,8 +39,9 @@ def fixed_workload(batch: int, vocab: int, seed: int = 0):
 
 def random_workload(n: int, vocab: int, seed: int = 0, max_in: int = 512, max_out: int = 256):
     rng = random.Random(seed)
-    prompts = [[rng.randrange(100, vocab) for _ in range(rng.randint(32, max_in))]
-               for _ in range(n)]
+    prompts = [
+        [rng.randrange(100, vocab) for _ in range(rng.randint(32, max_in))] for _ in range(n)
+    ]
     outs = [rng.randint(32, max_out) for _ in range(n)]
     return prompts, outs
 
@@ -55,9 +56,13 @@ def run_lamina(llm: LLM, prompts, out_lens) -> dict:
     assert [len(o.outputs[0].token_ids) for o in outs] == list(out_lens)
     steps = stats.num_steps - steps0
     overhead = (stats.step_seconds - step_s0) - (stats.forward_seconds - fwd_s0)
-    return {"seconds": dt, "output_tokens": sum(out_lens),
-            "total_tokens": sum(out_lens) + sum(map(len, prompts)),
-            "steps": steps, "overhead_ms_per_step": 1e3 * overhead / max(steps, 1)}
+    return {
+        "seconds": dt,
+        "output_tokens": sum(out_lens),
+        "total_tokens": sum(out_lens) + sum(map(len, prompts)),
+        "steps": steps,
+        "overhead_ms_per_step": 1e3 * overhead / max(steps, 1),
+    }
 
 
 def run_hf(model, prompts, out_lens, pad_id: int, batch: int) -> dict:
@@ -71,20 +76,37 @@ def run_hf(model, prompts, out_lens, pad_id: int, batch: int) -> dict:
             ids[j, width - len(p) :] = torch.tensor(p)
             mask[j, width - len(p) :] = 1
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(lens),
-                           min_new_tokens=max(lens), do_sample=False, pad_token_id=pad_id)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(lens),
+                min_new_tokens=max(lens),
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
     dt = time.perf_counter() - t
-    return {"seconds": dt, "output_tokens": sum(out_lens),
-            "total_tokens": sum(out_lens) + sum(map(len, prompts))}
+    return {
+        "seconds": dt,
+        "output_tokens": sum(out_lens),
+        "total_tokens": sum(out_lens) + sum(map(len, prompts)),
+    }
 
 
 def summarize(runs: list[dict]) -> dict:
     out_tps = [r["output_tokens"] / r["seconds"] for r in runs]
     tot_tps = [r["total_tokens"] / r["seconds"] for r in runs]
-    res = {"output_tok_s": {"median": statistics.median(out_tps), "min": min(out_tps),
-                            "max": max(out_tps)},
-           "total_tok_s": {"median": statistics.median(tot_tps), "min": min(tot_tps),
-                           "max": max(tot_tps)}}
+    res = {
+        "output_tok_s": {
+            "median": statistics.median(out_tps),
+            "min": min(out_tps),
+            "max": max(out_tps),
+        },
+        "total_tok_s": {
+            "median": statistics.median(tot_tps),
+            "min": min(tot_tps),
+            "max": max(tot_tps),
+        },
+    }
     if "overhead_ms_per_step" in runs[0]:
         res["overhead_ms_per_step"] = statistics.median(r["overhead_ms_per_step"] for r in runs)
         res["steps"] = runs[0]["steps"]
@@ -97,8 +119,9 @@ def fmt(s: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=3)
@@ -106,12 +129,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small random workload (CI smoke)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=1024, max_num_seqs=64,
-              max_num_batched_tokens=1024)
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        max_model_len=1024,
+        max_num_seqs=64,
+        max_num_batched_tokens=1024,
+    )
     vocab = llm.engine.model_config.vocab_size
     workloads = {f"fixed_b{b}": fixed_workload(b, vocab) for b in (8, 16)}
-    workloads["random_64"] = (random_workload(8, vocab, max_in=64, max_out=32) if args.quick
-                              else random_workload(64, vocab))
+    workloads["random_64"] = (
+        random_workload(8, vocab, max_in=64, max_out=32)
+        if args.quick
+        else random_workload(64, vocab)
+    )
     hf = None
     if not args.skip_hf:
         import transformers
@@ -122,20 +153,23 @@ def main() -> None:
         kw = {"gguf_file": path.name} if path.is_file() else {}
         folder = path.parent if path.is_file() else path
         hf = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=llm.engine.loaded.model.dtype, **kw).eval()
+            folder, dtype=llm.engine.loaded.model.dtype, **kw
+        ).eval()
     results: dict = {"dtype": args.dtype, "repeats": args.repeats, "workloads": {}}
     run_lamina(llm, *fixed_workload(4, vocab, seed=99))  # warm-up
     for name, (prompts, outs) in workloads.items():
-        entry = {"lamina": summarize([run_lamina(llm, prompts, outs)
-                                      for _ in range(args.repeats)])}
+        entry = {"lamina": summarize([run_lamina(llm, prompts, outs) for _ in range(args.repeats)])}
         line = f"{name:10s} lamina {fmt(entry['lamina'])} out tok/s"
         line += f", overhead {entry['lamina']['overhead_ms_per_step']:.2f} ms/step"
         if hf is not None:
             batch = len(prompts) if name.startswith("fixed") else 16
-            entry["transformers"] = summarize([run_hf(hf, prompts, outs, 0, batch)
-                                               for _ in range(args.repeats)])
-            ratio = (entry["lamina"]["output_tok_s"]["median"]
-                     / entry["transformers"]["output_tok_s"]["median"])
+            entry["transformers"] = summarize(
+                [run_hf(hf, prompts, outs, 0, batch) for _ in range(args.repeats)]
+            )
+            ratio = (
+                entry["lamina"]["output_tok_s"]["median"]
+                / entry["transformers"]["output_tok_s"]["median"]
+            )
             entry["ratio_vs_transformers"] = ratio
             line += f" | transformers {fmt(entry['transformers'])} | ratio {ratio:.2f}x"
         print(line, flush=True)
