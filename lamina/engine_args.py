@@ -79,6 +79,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help='override RoPE scaling, e.g. \'{"rope_type": "dynamic", "factor": 4}\' '
         "(types: linear, ntk, dynamic, yarn, llama3)",
     )
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["gguf"],
+        help="gguf: run a GGUF's Q4_0/Q4_1/Q4_K/Q5_x/Q8_0 weights natively (int4 kernels) "
+        "instead of dequantizing them",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,4 +105,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         h2o_heavy=args.h2o_heavy,
         h2o_recent=args.h2o_recent,
         rope_scaling=args.rope_scaling,
+        quantization=args.quantization,
     )

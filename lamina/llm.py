@@ -45,6 +45,9 @@ class LLM:
     enable_prefix_caching: share cached KV blocks between requests with a common prefix.
     max_model_len: longest sequence (prompt + output); defaults to the model's trained context,
         or to what the KV cache holds if that is less.
+    quantization: None (GGUF weights dequantized to `dtype`) or "gguf" (GGUF Q8_0 / Q4_0 /
+        Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K decoder linears run natively on the int4 kernel, about
+        a quarter of the float32 weight memory; other types and the embedding stay float).
     """
 
     def __init__(
@@ -64,8 +67,9 @@ class LLM:
         sliding_window: int | None = None,
         h2o_heavy: int | None = None,
         h2o_recent: int | None = None,
+        quantization: str | None = None,
     ) -> None:
-        loaded = load_model(model, dtype, rope_scaling)
+        loaded = load_model(model, dtype, rope_scaling, quantization)
         cache = CacheConfig(
             block_size=block_size,
             num_blocks=num_kv_blocks,

@@ -7,7 +7,7 @@ rotary pairs); we undo that so the model sees the Hugging Face "rotate half" lay
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,14 +156,23 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def qk_permuted(config: ModelConfig) -> bool:
+    """Whether llama.cpp stored this architecture's q/k rows permuted (see `unpermute_qk`)."""
+    return config.model_type in ("llama", "mistral")
+
+
 def iter_gguf_tensors(
-    reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtype
+    reader: gguf.GGUFReader,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    skip: Container[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, dequantized tensor in `dtype`) one at a time."""
-    permute = config.model_type in ("llama", "mistral")
+    """(HF name, dequantized tensor in `dtype`) one at a time; GGUF names in `skip` (tensors
+    already loaded natively, see lamina.quant.gguf_native) are left out undecoded."""
+    permute = qk_permuted(config)
     for t in reader.tensors:
         name = hf_name(t.name)
-        if name is None:
+        if name is None or t.name in skip:
             continue
         if t.tensor_type not in SUPPORTED_QUANT_TYPES:
             raise ValueError(

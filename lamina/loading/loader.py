@@ -15,8 +15,12 @@ from lamina.loading import hf
 from lamina.loading.resolve import resolve_model
 from lamina.loading.tokenizer import Tokenizer
 from lamina.models.llama import LlamaForCausalLM
+from lamina.quant import autoawq
 from lamina.quant.checkpoint import load_quantized, quant_config_of
+from lamina.quant.gguf_native import load_gguf_native
 from lamina.rope_config import RopeConfig
+
+QUANTIZATION_CHOICES = (None, "gguf")
 
 
 @dataclass
@@ -32,23 +36,40 @@ def load_model(
     model: str | Path | None = None,
     dtype: str | torch.dtype | None = "auto",
     rope_scaling: str | dict[str, Any] | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face folder or a GGUF file (None: the default SmolLM2 GGUF).
 
     rope_scaling overrides the checkpoint's RoPE scheme (JSON text or a dict, see
     `RopeConfig.from_user`).
 
+    quantization: None dequantizes a GGUF's weights to `dtype`; "gguf" runs its Q8_0 / Q4_0 /
+    Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K decoder linears natively (lamina.quant.gguf_native).
+    AutoAWQ (GEMM) folders are recognised from their config and always load as int4.
+
     dtype "auto" follows `config.auto_dtype()` (bfloat16 on CPUs with bf16 kernels).
     """
     path = resolve_model(model)
     torch_dtype = parse_dtype(dtype)
+    # --- native quantized loading (gguf_native / autoawq) ---
+    if quantization not in QUANTIZATION_CHOICES:
+        raise ValueError(
+            f"unknown quantization {quantization!r}; accepted: {QUANTIZATION_CHOICES} "
+            "(None dequantizes GGUF weights to the model dtype)"
+        )
+    if quantization == "gguf" and path.is_dir():
+        raise ValueError(f'quantization="gguf" needs a .gguf file; {path} is a folder')
+    # --- end native quantized loading ---
     if path.is_dir():
         config = _override_rope(hf.load_hf_config(path), rope_scaling)
         tokenizer = Tokenizer.from_hf_folder(path)
         net = LlamaForCausalLM(config, torch_dtype)
         qcfg = quant_config_of(path)
+        awq = autoawq.awq_config_of(path)  # AutoAWQ GEMM checkpoint (raises for others)
         if qcfg is not None:  # written by lamina.quant.save_quantized
             load_quantized(net, path, qcfg)
+        elif awq is not None:
+            autoawq.load_autoawq(net, path, awq)
         else:
             net.load_weights(hf.iter_safetensors(path))
         gen = hf.load_generation_config(path)
@@ -59,7 +80,10 @@ def load_model(
         config = _override_rope(gguf_loading.gguf_config(reader), rope_scaling)
         tokenizer = Tokenizer.from_gguf(reader)
         net = LlamaForCausalLM(config, torch_dtype)
-        net.load_weights(gguf_loading.iter_gguf_tensors(reader, config, torch_dtype))
+        if quantization == "gguf":
+            load_gguf_native(net, reader, config, torch_dtype)
+        else:
+            net.load_weights(gguf_loading.iter_gguf_tensors(reader, config, torch_dtype))
         gen = {}
         del reader
     net.eval()
