@@ -61,3 +61,17 @@ def test_llama3_rope_changes_frequencies(tiny_model_factory):
     torch.testing.assert_close(ours, ref.float(), atol=0, rtol=1e-6)
     plain, _ = rope_inv_freq(type(cfg.rope)(theta=cfg.rope.theta), cfg.head_dim, 256)
     assert not torch.allclose(ours, plain)
+
+
+def test_sharded_safetensors_with_index(tiny_model_factory, tmp_path):
+    """A checkpoint split into several safetensors files with an index loads identically."""
+    folder, hf_model = tiny_model_factory("llama_gqa")
+    sharded = tmp_path / "sharded"
+    hf_model.save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((folder / name).read_bytes())
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    one = LLM(str(folder), dtype="float32").engine.prompt_logits(PROMPT)
+    many = LLM(str(sharded), dtype="float32").engine.prompt_logits(PROMPT)
+    torch.testing.assert_close(many, one, atol=0, rtol=0)
