@@ -127,6 +127,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--quick", action="store_true", help="small random workload (CI smoke)")
+    ap.add_argument(
+        "--workloads",
+        default="fixed_b8,fixed_b16,random_64",
+        help="comma-separated subset of fixed_b8, fixed_b16, random_64",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     llm = LLM(
@@ -143,18 +148,26 @@ def main() -> None:
         if args.quick
         else random_workload(64, vocab)
     )
+    keep = set(args.workloads.split(","))
+    workloads = {k: v for k, v in workloads.items() if k in keep}
     hf = None
     if not args.skip_hf:
+        import tempfile
+
         import transformers
 
+        from lamina.loading.convert import convert_gguf_to_hf
         from lamina.loading.resolve import resolve_model
 
         path = resolve_model(args.model)
-        kw = {"gguf_file": path.name} if path.is_file() else {}
-        folder = path.parent if path.is_file() else path
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=llm.engine.loaded.model.dtype, **kw
-        ).eval()
+        dtype = llm.engine.loaded.model.dtype
+        if path.is_file():
+            # transformers 5 keeps a GGUF's weights packed and runs its own kernels; the
+            # same-dtype comparison wants plain dense weights, so convert to a folder first.
+            path = convert_gguf_to_hf(
+                path, tempfile.mkdtemp(prefix="lamina-hf-"), str(dtype).removeprefix("torch.")
+            )
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     results: dict = {"dtype": args.dtype, "repeats": args.repeats, "workloads": {}}
     run_lamina(llm, *fixed_workload(4, vocab, seed=99))  # warm-up
     for name, (prompts, outs) in workloads.items():
@@ -177,7 +190,8 @@ def main() -> None:
     results["date"] = time.strftime("%Y-%m-%d %H:%M")
     RESULTS.mkdir(exist_ok=True)
     if not args.quick:
-        out = RESULTS / f"throughput_{args.dtype}.json"
+        suffix = "" if keep == {"fixed_b8", "fixed_b16", "random_64"} else "_partial"
+        out = RESULTS / f"throughput_{args.dtype}{suffix}.json"
         out.write_text(json.dumps(results, indent=2))
         print(f"wrote {out}")
 

@@ -45,15 +45,18 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if meta.streaming is None:
-            q, k = self.rotary(positions, q, k)
+        heads = self.num_heads + self.num_kv_heads
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
+        cos, sin = self.rotary.cos_sin(positions, qkv.dtype)
+        if meta.streaming is None:  # q and k heads rotated in one pass: half the ops
+            q, k = apply_rotary(qk, cos, sin, self.rotary.rotary_dim).split(
+                [self.num_heads, self.num_kv_heads], dim=1
+            )
         else:  # StreamingLLM: keys are cached un-rotated and rotated when read
-            cos, sin = self.rotary.cos_sin(positions, q.dtype)
-            q, k = apply_rotary(q, cos, sin, self.rotary.rotary_dim), k.contiguous()
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            q = apply_rotary(q, cos, sin, self.rotary.rotary_dim)
+        k = k.contiguous()
         out = paged_attention(q, k, v.contiguous(), kv, meta, self.scale, self.rotary)
         return self.o_proj(out.view(-1, self.q_size))
 
