@@ -40,10 +40,11 @@ def dequantize_per_channel(q: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
     return q.float() * scales.float()[:, None]
 
 
-class Int8Linear(nn.Module):
-    """y = x (q * s)^T + b with int8 q [N, K] and per-row scales s [N] (bfloat16)."""
+class Int8WeightLinear(nn.Module):
+    """Storage shared by the int8-weight linears: int8 q [N, K], per-row scales [N] in
+    `scale_dtype`, optional float bias; subclasses say how the matmul runs."""
 
-    method = "int8"
+    scale_dtype: torch.dtype = torch.float32
 
     def __init__(
         self,
@@ -55,7 +56,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.ones(out_features, dtype=COMPUTE_DTYPE))
+        self.register_buffer("scales", torch.ones(out_features, dtype=self.scale_dtype))
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False)
             if bias
@@ -63,14 +64,40 @@ class Int8Linear(nn.Module):
         )
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8WeightLinear:
         n, k = weight.shape
         dtype = bias.dtype if bias is not None else weight.dtype
         mod = cls(k, n, bias is not None, dtype)
-        mod.qweight, mod.scales = quantize_per_channel(weight)
+        mod.qweight, mod.scales = quantize_per_channel(weight, cls.scale_dtype)
         if bias is not None:
             mod.bias.data = bias.detach().clone()
         return mod
+
+    # ---- checkpoint --------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores (already portable: plain row-major int8 and scales)."""
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.bias is not None:
+            out["bias"] = self.bias.data
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        check_shape("qweight", tensors["qweight"], self.qweight.shape)
+        check_shape("scales", tensors["scales"], self.scales.shape)
+        self.qweight = aligned(tensors["qweight"].to(torch.int8))
+        self.scales = aligned(tensors["scales"].to(self.scale_dtype))
+        if self.bias is not None:
+            self.bias.data = tensors["bias"].to(self.bias.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(Int8WeightLinear):
+    """y = x (q * s)^T + b with int8 q [N, K] and per-row scales s [N] (bfloat16)."""
+
+    method = "int8"
+    scale_dtype = COMPUTE_DTYPE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -86,22 +113,3 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
-
-    # ---- checkpoint --------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores (already portable: plain row-major int8 and scales)."""
-        out = {"qweight": self.qweight, "scales": self.scales}
-        if self.bias is not None:
-            out["bias"] = self.bias.data
-        return out
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        check_shape("qweight", tensors["qweight"], self.qweight.shape)
-        check_shape("scales", tensors["scales"], self.scales.shape)
-        self.qweight = aligned(tensors["qweight"].to(torch.int8))
-        self.scales = aligned(tensors["scales"].to(COMPUTE_DTYPE))
-        if self.bias is not None:
-            self.bias.data = tensors["bias"].to(self.bias.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
