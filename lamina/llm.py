@@ -113,11 +113,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts."""
-        if isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = (
@@ -168,12 +164,8 @@ class LLM:
         """Beam search (transformers' `num_beams` semantics) for each prompt; each output lists
         its finished beams best first. Runs on the engine's cache, one prompt at a time."""
         params = params or BeamSearchParams()
-        if isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]  # type: ignore[list-item]
         outs = []
-        for prompt in prompts:  # type: ignore[union-attr]
+        for prompt in _prompt_list(prompts):
             p = _prompt_input(prompt)
             ids = self.tokenizer.encode(p) if isinstance(p, str) else p
             outs.append(beam_search(self.engine, ids, params))
@@ -200,6 +192,15 @@ class LLM:
             )
         bar.close()
         return [done[rid] for rid in order]
+
+
+def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    """One prompt (text, token ids or a dict) or a sequence of them, as a list."""
+    if isinstance(prompts, (str, dict)) or (
+        isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+    ):
+        return [prompts]  # type: ignore[list-item]
+    return list(prompts)  # type: ignore[arg-type]
 
 
 def _prompt_input(prompt: PromptType) -> str | list[int]:
