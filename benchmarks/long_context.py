@@ -9,7 +9,8 @@ the longest length gives every shorter one:
 
     ppl(L) = exp(mean NLL of the predictions of tokens 1 .. L-1 from their prefixes)
 
-(cumulative, as the StreamingLLM paper plots it), and we also report the perplexity of the last
+(cumulative, as the StreamingLLM paper plots it; for dynamic NTK, whose RoPE base is fixed from
+the request's length, one pass per length), and we also report the perplexity of the last
 half of each length, tokens L/2 .. L-1 ("segment"), which shows sharply what happens at that
 distance. Rows (methods):
 
@@ -83,6 +84,9 @@ RUN_PRIORITY = (
 )
 QUICK_METHODS = ("dense", "window", "recompute", "streamingllm", "h2o", "int8-kv")
 # More plays, appended when a pass needs more tokens than the default four hold (~200k tokens).
+# Methods whose result for the first L tokens depends on the request's length, so one pass per
+# length: dynamic NTK fixes each request's RoPE base from its length (lamina/layers/rotary.py).
+PER_LENGTH_METHODS = ("rope-dynamic",)
 EXTRA_TEXTS = ("othello_gut", "lear_gut", "tempest_gut", "twelfth_night_gut")
 
 
@@ -726,16 +730,23 @@ def main() -> int:
             llm = build_llm(name, args, max_len, model_config, compute_dtype)
         kv_dtype = method_kwargs(name, args.window, args.factor).get("kv_cache_dtype", "auto")
         block_bytes = bytes_per_block(model_config, args.block_size, compute_dtype, kv_dtype)
+        by_length: dict[int, torch.Tensor] = {}
         if name == "recompute":
             p = recompute_pass(llm, ids, args.window, args.chunk)
+        elif name in PER_LENGTH_METHODS:
+            for n in lengths[:-1]:
+                print(f"    a pass of {n} tokens", flush=True)
+                by_length[n] = nll_pass(llm, ids[:n], args.chunk, quiet=True)["nll"]
+            p = nll_pass(llm, ids, args.chunk)
         else:
             p = nll_pass(llm, ids, args.chunk)
         nll = p["nll"]
+        by_length[max_len] = nll
         res["methods"][name] = {
             "what": describe(name, args.window, args.factor),
             "llm_kwargs": method_kwargs(name, args.window, args.factor),
-            "ppl": {str(n): ppl_at(nll, n) for n in lengths},
-            "segment_ppl": {str(n): segment_ppl(nll, n) for n in lengths},
+            "ppl": {str(n): ppl_at(by_length.get(n, nll), n) for n in lengths},
+            "segment_ppl": {str(n): segment_ppl(by_length.get(n, nll), n) for n in lengths},
             "peak_kv_blocks": {str(n): peak_blocks_at(p, n) for n in lengths},
             "peak_kv_mb": {str(n): peak_blocks_at(p, n) * block_bytes / 1e6 for n in lengths},
             "block_bytes": block_bytes,

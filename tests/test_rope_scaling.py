@@ -1,9 +1,9 @@
 """RoPE scaling schemes against transformers' `ROPE_INIT_FUNCTIONS` and rotary modules.
 
 Inverse frequencies and attention scaling are compared exactly (same float32 operations).
-Dynamic NTK follows lamina's per-position convention (see lamina/layers/rotary.py): it is
-checked against transformers' dynamic rope for the newest token, and end to end against
-transformers feeding a sequence one token at a time through its KV cache.
+Dynamic NTK follows lamina's per-sequence convention (see lamina/layers/rotary.py): one base
+per request, from the longest the request can get; checked against transformers' no-cache
+forward over a whole sequence, which uses that base for every token.
 """
 
 from __future__ import annotations
@@ -178,16 +178,10 @@ def _hf_rotate(rotary, q, k, position_ids):
 
 
 @pytest.mark.parametrize("length", [100, 129, 400])
-def test_dynamic_newest_token_rotates_as_transformers(length):
-    """A sequence of `length` > L0 tokens in one forward.
-
-    Identical: the newest token's q and k (transformers uses theta(length) for every token of
-    the forward; lamina uses theta(position + 1), which is theta(length) for the newest one), and
-    every token once `seq_lens=length` is passed for all of them.
-    Not identical: the earlier tokens by default -- they keep the base of the length at which
-    they were the newest (the trained base for positions below L0), as their cached keys would
-    after being decoded one by one.
-    """
+def test_dynamic_with_rope_len_equals_transformers_single_forward(length):
+    """A sequence of `length` > L0 tokens with rope_len = length: every token's q and k are
+    rotated as transformers' no-cache forward over the whole sequence rotates them, whichever
+    positions a chunk covers. Without rope_lens (a sequence within L0) the trained base."""
     head_dim, max_pos = 32, 64
     params = {"rope_type": "dynamic", "factor": 4.0}
     hf_rot = LlamaRotaryEmbedding(hf_config(params, head_dim, max_pos))
@@ -198,69 +192,49 @@ def test_dynamic_newest_token_rotates_as_transformers(length):
     positions = torch.arange(length)
     ref_q, ref_k = _hf_rotate(hf_rot, q, k, positions)
 
-    our_q, our_k = rot(positions, q, k)
-    torch.testing.assert_close(our_q[-1], ref_q[-1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(our_k[-1], ref_k[-1], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(our_k[:-1], ref_k[:-1], atol=1e-3)  # the convention differs
-    torch.testing.assert_close(our_k[:max_pos], rot_default(q, k, positions, head_dim)[1][:max_pos])
-
-    full_q, full_k = rot(positions, q, k, seq_lens=torch.full((length,), length))
-    torch.testing.assert_close(full_q, ref_q, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(full_k, ref_k, rtol=1e-5, atol=1e-5)
+    lens = torch.full((length,), length)
+    our_q, our_k = rot(positions, q, k, rope_lens=lens)
+    torch.testing.assert_close(our_q, ref_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_k, ref_k, rtol=1e-5, atol=1e-5)
+    # a later chunk alone reads the same table rows: bitwise equal
+    tail_q, tail_k = rot(positions[-30:], q[-30:], k[-30:], rope_lens=lens[-30:])
+    assert torch.equal(tail_q, our_q[-30:]) and torch.equal(tail_k, our_k[-30:])
+    # the trained base when no length (or one within L0) is given
+    plain = rot_default(q, k, positions, head_dim)
+    assert torch.equal(rot(positions, q, k)[1], plain[1])
+    assert torch.equal(rot(positions, q, k, rope_lens=torch.full((length,), max_pos))[1], plain[1])
 
 
 def rot_default(q, k, positions, head_dim):
     return RotaryEmbedding(model_config(RopeConfig(), head_dim, 64))(positions, q, k)
 
 
-def test_dynamic_equals_transformers_decoding_token_by_token():
-    """transformers decoding one token per forward (as generate does with a KV cache) rotates
-    token p with theta(p + 1): lamina's table row p, whatever the batch or chunking."""
-    head_dim, max_pos = 16, 32
-    params = {"rope_type": "dynamic", "factor": 2.0}
-    hf_rot = LlamaRotaryEmbedding(hf_config(params, head_dim, max_pos))
-    rot = RotaryEmbedding(model_config(lamina_rope(params, max_pos), head_dim, max_pos))
-    x = torch.zeros(1)
-    rows = [hf_rot(x, torch.tensor([[p]]))[0][0, 0] for p in range(5 * max_pos)]
-    cos, _ = rot.cos_sin(torch.arange(5 * max_pos), torch.float32)
-    # inverse frequencies agree bitwise; float32 cos of angles up to ~160 rad may differ in the
-    # last place between torch's vectorized and scalar paths
-    torch.testing.assert_close(cos[:, 0], torch.stack(rows), rtol=0, atol=1e-5)
-
-
 def test_dynamic_is_per_sequence_in_a_mixed_batch():
-    """Two sequences (lengths 40 and 150, L0 = 64) in one flat batch give what each gives alone,
-    with the default convention and with explicit per-token seq_lens."""
+    """Three sequences (rope_len 40, 150 and 300; L0 = 64) in one flat batch give bit for bit
+    what each gives alone; the one within L0 gets plain RoPE."""
     head_dim, max_pos = 32, 64
     rot = RotaryEmbedding(
         model_config(RopeConfig(rope_type="dynamic", factor=4.0), head_dim, max_pos)
     )
     g = torch.Generator().manual_seed(1)
-    pos_a, pos_b = torch.arange(30, 40), torch.arange(120, 150)  # a prefill chunk of each
-    q = torch.randn(40, 4, head_dim, generator=g)
-    k = torch.randn(40, 2, head_dim, generator=g)
-    positions = torch.cat([pos_a, pos_b])
-    lens = torch.cat([torch.full((10,), 40), torch.full((30,), 150)])
-    for seq_lens, atol in ((None, 0.0), (lens, 1e-5)):
-        # default: one table, bitwise batch-invariant; explicit seq_lens: cos/sin computed per
-        # call, equal up to float32 rounding of the (shape-dependent) vectorized pow/cos
-        both = rot(positions, q, k, seq_lens=seq_lens)
-        a = rot(pos_a, q[:10], k[:10], seq_lens=None if seq_lens is None else lens[:10])
-        b = rot(pos_b, q[10:], k[10:], seq_lens=None if seq_lens is None else lens[10:])
-        torch.testing.assert_close(both[0], torch.cat([a[0], b[0]]), rtol=0, atol=atol)
-        torch.testing.assert_close(both[1], torch.cat([a[1], b[1]]), rtol=0, atol=atol)
-    # sequence a is within L0: plain RoPE either way
-    plain = rot_default(q[:10], k[:10], pos_a, head_dim)
-    torch.testing.assert_close(rot(pos_a, q[:10], k[:10], seq_lens=lens[:10])[0], plain[0])
-
-
-def test_dynamic_table_equals_per_token_computation():
-    rot = RotaryEmbedding(model_config(RopeConfig(rope_type="dynamic", factor=3.0), 64, 16))
-    positions = torch.tensor([0, 5, 15, 16, 17, 99, 1000, 4097])
-    table = rot.cos_sin(positions, torch.float32)
-    direct = rot.cos_sin(positions, torch.float32, seq_lens=positions + 1)
-    # one float32 ulp of an angle near 4097 rad is 5e-4
-    torch.testing.assert_close(table, direct, rtol=0, atol=1e-4)
+    parts = [(torch.arange(30, 40), 40), (torch.arange(120, 150), 150), (torch.arange(5), 300)]
+    positions = torch.cat([p for p, _ in parts])
+    lens = torch.cat([torch.full((len(p),), n) for p, n in parts])
+    q = torch.randn(len(positions), 4, head_dim, generator=g)
+    k = torch.randn(len(positions), 2, head_dim, generator=g)
+    both = rot(positions, q, k, rope_lens=lens)
+    start = 0
+    for pos, n in parts:
+        sl = slice(start, start + len(pos))
+        alone = rot(pos, q[sl], k[sl], rope_lens=torch.full((len(pos),), n))
+        assert torch.equal(both[0][sl], alone[0]) and torch.equal(both[1][sl], alone[1])
+        start += len(pos)
+    plain = rot_default(q[:10], k[:10], parts[0][0], head_dim)
+    assert torch.equal(both[0][:10], plain[0])
+    # 150 and 300 use different bases
+    far = rot(torch.tensor([100]), q[:1], k[:1], rope_lens=torch.tensor([150]))[0]
+    farther = rot(torch.tensor([100]), q[:1], k[:1], rope_lens=torch.tensor([300]))[0]
+    assert not torch.allclose(far, farther)
 
 
 def test_apply_rotary_partial_leaves_the_rest():
@@ -366,25 +340,67 @@ def _ids(n: int) -> list[int]:
     return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(2)).tolist()
 
 
-def test_dynamic_model_equals_transformers_with_kv_cache(tmp_path):
-    """Beyond max_position_embeddings (32), lamina's prompt logits over 80 tokens equal those of
-    transformers fed one token at a time through its KV cache, where each token's q/k use the
-    base of the length reached at that token -- the convention lamina applies to every token.
-    (transformers' single no-cache forward instead rotates all 80 with theta(80).)"""
+def test_dynamic_prompt_equals_transformers_single_forward(tmp_path):
+    """Beyond max_position_embeddings (32): an 80-token prompt scored alone (rope_len 80) gives
+    transformers' logits from one no-cache forward over the 80 tokens, fed whole or in chunks."""
     from lamina import LLM
 
     hf = _tiny_checkpoint(tmp_path, {"rope_type": "dynamic", "factor": 2.0}, max_pos=32)
     ids = _ids(80)
-    rows, past = [], None
     with torch.no_grad():
-        for t in range(len(ids)):
-            out = hf(input_ids=torch.tensor([ids[t : t + 1]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            rows.append(out.logits[0, -1])
+        ref = hf(torch.tensor([ids])).logits[0]
     llm = LLM(str(tmp_path), dtype="float32", block_size=4, max_model_len=128)
     assert llm.engine.model_config.rope.rope_type == "dynamic"
-    ours = llm.engine.prompt_logits(ids)
-    torch.testing.assert_close(ours, torch.stack(rows), rtol=0, atol=1e-4)
+    torch.testing.assert_close(llm.engine.prompt_logits(ids), ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(llm.engine.prompt_logits(ids, chunk_size=24), ref, rtol=0, atol=1e-4)
+
+
+def test_dynamic_generation_equals_transformers_on_the_final_sequence(tmp_path):
+    """Greedy generation past L0 (a 40-token prompt + 30 new tokens, so rope_len 69): each token
+    is the argmax of transformers' no-cache forward over the final sequence (base theta(69)),
+    alone, in a batch with requests of other lengths, and with the prefix cache warm."""
+    from lamina import LLM, SamplingParams
+
+    hf = _tiny_checkpoint(tmp_path, {"rope_type": "dynamic", "factor": 2.0}, max_pos=32)
+    prompt = _ids(40)
+    llm = LLM(str(tmp_path), dtype="float32", block_size=4, max_model_len=128)
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    alone = llm.generate([{"prompt_token_ids": prompt}], greedy, use_tqdm=False)[0]
+    out = list(alone.outputs[0].token_ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out[:-1]])).logits[0, len(prompt) - 1 :]
+    assert ref.argmax(-1).tolist() == out
+    others = [
+        ({"prompt_token_ids": prompt[:20]}, SamplingParams(temperature=0, max_tokens=5)),
+        ({"prompt_token_ids": prompt[:35]}, SamplingParams(temperature=0, max_tokens=60)),
+        ({"prompt_token_ids": prompt}, greedy),
+        ({"prompt_token_ids": prompt + out[:5]}, greedy),
+    ]
+    stats = llm.engine.scheduler.stats
+    hits = stats.prefix_cache_hits
+    batch = llm.generate([p for p, _ in others], [sp for _, sp in others], use_tqdm=False)
+    assert list(batch[2].outputs[0].token_ids) == out
+    assert stats.prefix_cache_hits > hits  # the same request reused the first one's blocks
+    # another length means another base: no block of rope_len 69 is reused for rope_len 99
+    hits = stats.prefix_cache_hits
+    llm.generate([{"prompt_token_ids": prompt}], others[1][1], use_tqdm=False)
+    assert stats.prefix_cache_hits == hits
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_dynamic_prefix_cache_is_salted_by_rope_len():
+    from lamina.kv.block_manager import BlockManager
+
+    bm = BlockManager(16, 4)
+    tokens = list(range(12))
+    table: list[int] = []
+    bm.grow(table, 12)
+    hashes: list[int] = []
+    bm.register_full_blocks(table, hashes, tokens, 12, salt=69)
+    assert bm.match_prefix(tokens, 3, salt=69)[0] == table
+    assert bm.match_prefix(tokens, 3)[0] == []
+    assert bm.match_prefix(tokens, 3, salt=99)[0] == []
 
 
 def test_yarn_model_equals_transformers(tmp_path):
@@ -399,3 +415,18 @@ def test_yarn_model_equals_transformers(tmp_path):
     llm = LLM(str(tmp_path), dtype="float32", block_size=4)
     assert llm.engine.model_config.rope.rope_type == "yarn"
     torch.testing.assert_close(llm.engine.prompt_logits(ids), ref, rtol=0, atol=1e-4)
+
+
+def test_dynamic_under_streaming_llm_with_a_covering_window_equals_dense(tmp_path):
+    """StreamingLLM caps rope_len at sinks + window (its positions index the cache); when that
+    covers the prompt, the windowed engine scores it exactly as the dense one."""
+    from lamina import LLM
+
+    _tiny_checkpoint(tmp_path, {"rope_type": "dynamic", "factor": 2.0}, max_pos=32)
+    ids = _ids(80)
+    common = {"dtype": "float32", "block_size": 4, "max_model_len": 128}
+    dense = LLM(str(tmp_path), **common).engine.prompt_logits(ids, chunk_size=16)
+    stream = LLM(str(tmp_path), sliding_window=96, attention_sinks=4, **common)
+    torch.testing.assert_close(
+        stream.engine.prompt_logits(ids, chunk_size=16), dense, rtol=0, atol=1e-4
+    )

@@ -55,6 +55,10 @@ class AttentionMetadata:
     decode_max_ctx: int = 0
     streaming: StreamingWindow | None = None
     h2o: H2OAttention | None = None
+    # Dynamic NTK: the length whose base each token [T] / each sequence [B] uses (0: trained
+    # base); None when every sequence uses the trained base.
+    rope_lens: torch.Tensor | None = None
+    rope_seq_lens: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:

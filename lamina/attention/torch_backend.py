@@ -126,7 +126,10 @@ def _streaming(
     ki, vi = cache.gather(meta.block_tables[i, :nblocks])
     ki, vi = ki[:ctx], vi[:ctx]
     cache_pos = torch.arange(ctx, device=q.device)
-    cos, sin = rotary.cos_sin(cache_pos, ki.dtype)
+    rope_lens = (
+        None if meta.rope_seq_lens is None else torch.full_like(cache_pos, meta.rope_seq_lens[i])
+    )
+    cos, sin = rotary.cos_sin(cache_pos, ki.dtype, rope_lens)
     ki = apply_rotary(ki, cos, sin, rotary.rotary_dim)
     offset = win.offsets[i]
     key_pos = torch.where(cache_pos < win.sink_limit, cache_pos, cache_pos + offset)

@@ -51,6 +51,7 @@ def beam_search(engine, prompt_ids: list[int], params: BeamSearchParams) -> Beam
     bm = engine.block_manager
     sp = SamplingParams(max_tokens=max_tokens)
     beams = [Sequence("__beam__", list(prompt_ids), sp)]
+    engine.start_sequence(beams[0])
     scores = torch.zeros(1)
     finished: list[BeamSearchSequence] = []
     open_to_improve = True

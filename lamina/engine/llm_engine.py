@@ -110,9 +110,25 @@ class LLMEngine:
         self.scheduler.add(req.seqs[0])
 
     def start_sequence(self, seq: Sequence) -> None:
-        """Per-sequence state a retention policy needs."""
+        """Per-sequence state fixed at admission: what a retention policy needs, and the
+        dynamic-NTK length."""
         if isinstance(self.policy, H2OPolicy):
             seq.h2o = H2OState()
+        seq.rope_len = self._rope_len(seq)
+
+    def _rope_len(self, seq: Sequence) -> int | None:
+        """Dynamic NTK's per-sequence length (lamina/layers/rotary.py): the most tokens the
+        model will be fed for this request (the last generated one never is), capped by the
+        context, or by sinks + window under StreamingLLM, whose positions index the cache. None
+        when that fits the trained context (the trained base)."""
+        if self.model_config.rope.rope_type != "dynamic":
+            return None
+        limit = self.scheduler_config.max_model_len
+        max_tokens = seq.sampling_params.max_tokens
+        length = min(limit, seq.num_prompt_tokens + (max_tokens or limit) - 1)
+        if isinstance(self.policy, StreamingPolicy):
+            length = min(length, self.policy.sinks + self.policy.window)
+        return length if length > self.model_config.max_position_embeddings else None
 
     def validate_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -253,6 +269,7 @@ class LLMEngine:
                 seq.num_computed_tokens,
                 self.policy.sink_blocks if isinstance(self.policy, StreamingPolicy) else 0,
                 seq.num_evicted_blocks,
+                seq.rope_len,
             )
             self._evict_heavy_hitters(seq)
             if seq.num_computed_tokens == seq.num_tokens:

@@ -57,6 +57,12 @@ class ModelRunner:
             )
         elif isinstance(self.policy, H2OPolicy):
             meta.h2o, meta.slot_mapping = self._h2o_layout(batch)
+        rope = [s.rope_len or 0 for s in batch.seqs]
+        if any(rope):  # dynamic NTK past the trained context: the base of each token's sequence
+            meta.rope_seq_lens = rope
+            meta.rope_lens = torch.tensor(rope).repeat_interleave(
+                torch.tensor(batch.num_new_tokens)
+            )
         hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv, meta)
         return hidden, starts
 

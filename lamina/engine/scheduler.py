@@ -163,7 +163,7 @@ class Scheduler:
         if seq.sampling_params.prompt_logprobs is not None:
             return
         max_blocks = (seq.num_tokens - 1) // self.blocks.block_size
-        blocks, hashes = self.blocks.match_prefix(seq.token_ids, max_blocks)
+        blocks, hashes = self.blocks.match_prefix(seq.token_ids, max_blocks, seq.rope_len)
         for block in blocks:
             self.blocks.acquire(block)
         seq.block_table.extend(blocks)

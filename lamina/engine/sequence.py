@@ -59,6 +59,9 @@ class Sequence:
     logprobs: SampleLogprobs | None = None
     generator: torch.Generator | None = None
     num_preemptions: int = 0
+    # Dynamic NTK: the sequence length whose base all its tokens use, fixed at admission (None:
+    # the trained base); also salts its prefix-cache hashes. See lamina/layers/rotary.py.
+    rope_len: int | None = None
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)
@@ -112,6 +115,7 @@ class Sequence:
             text=self.text,
             cumulative_logprob=self.cumulative_logprob,
             logprobs=None if self.logprobs is None else list(self.logprobs),
+            rope_len=self.rope_len,
         )
         child.output_token_ids = list(self.output_token_ids)
         child.token_ids = list(self.token_ids)

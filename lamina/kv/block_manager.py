@@ -18,6 +18,12 @@ def block_hash(prev: int | None, tokens: Sequence[int]) -> int:
     return hash((prev, tuple(tokens)))
 
 
+def root_hash(salt: int | None) -> int | None:
+    """The "predecessor" of a sequence's first block: None, or a hash of `salt` for sequences
+    whose keys are not interchangeable with unsalted ones (dynamic NTK's per-sequence base)."""
+    return None if salt is None else hash(("salt", salt))
+
+
 class BlockManager:
     """Free pool, reference counts and the prefix-cache index over `num_blocks` blocks.
 
@@ -114,15 +120,15 @@ class BlockManager:
 
     # ---- prefix caching -------------------------------------------------------------------
     def match_prefix(
-        self, token_ids: Sequence[int], max_blocks: int
+        self, token_ids: Sequence[int], max_blocks: int, salt: int | None = None
     ) -> tuple[list[int], list[int]]:
         """Cached blocks holding the longest prefix of `token_ids` (at most `max_blocks`), with
-        their hashes. No references are taken."""
+        their hashes, among blocks registered with the same `salt`. No references are taken."""
         blocks: list[int] = []
         hashes: list[int] = []
         if not self.enable_prefix_caching:
             return blocks, hashes
-        prev: int | None = None
+        prev = root_hash(salt)
         bs = self.block_size
         for i in range(max_blocks):
             h = block_hash(prev, token_ids[i * bs : (i + 1) * bs])
@@ -142,15 +148,19 @@ class BlockManager:
         num_computed: int,
         sink_blocks: int = 0,
         evicted: int = 0,
+        salt: int | None = None,
     ) -> None:
         """Hash every block that is now full of computed tokens and index it, so later requests
         with the same prefix can share it. `hashes` (one per logical block) is extended in place.
-        With evicted blocks, logical block i >= sink_blocks sits at table[i - evicted]."""
+        With evicted blocks, logical block i >= sink_blocks sits at table[i - evicted]. `salt`:
+        as in `match_prefix`."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
         for i in range(len(hashes), num_computed // bs):
-            h = block_hash(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs])
+            h = block_hash(
+                hashes[-1] if hashes else root_hash(salt), token_ids[i * bs : (i + 1) * bs]
+            )
             hashes.append(h)
             index = i if i < sink_blocks else i - evicted
             if index < sink_blocks and i >= sink_blocks:

@@ -26,32 +26,33 @@ Schemes (`RopeConfig.rope_type`), with d the rotary dimension and L0 `max_positi
 Dynamic NTK in a paged, continuously batched engine
 ---------------------------------------------------
 The base depends on a sequence length, while cached keys are stored already rotated. Choices:
-  * transformers: one base per forward from max(position_ids) + 1 of the whole batch, grown only
-    (it keeps the largest base seen until a batch is shorter than L0). Cached keys keep the base
-    they were rotated with, new queries use the current one; the result depends on the rest of
-    the batch and on history, which breaks lamina's "output does not depend on the batch".
-  * vLLM: one fixed base, theta(L0 * factor), for every token. Batch- and history-invariant, but
-    short sequences no longer see the trained base.
-  * lamina (this module): the base of a token is theta(seq_len) where, by default,
-    seq_len = position + 1, i.e. the length its sequence had when that token was the newest. So
-    the newest token's q and k are rotated exactly as transformers rotates them for a sequence of
-    that length, cached keys keep the base they were written with (as in transformers'
-    generate with a KV cache), and sequences up to L0 use the trained base exactly. Because a
-    token's rotation is a function of its position alone, the result does not depend on the
-    batch, on chunked prefill, on recompute after preemption, or on which request filled a
-    shared prefix block; and cos/sin stay one precomputed table indexed by position (no cost).
-    A base from the sequence's length after each step would lose that: a prompt's keys would
-    depend on how it was chunked, and a sequence recomputed after preemption would differ.
-    What differs from transformers is the prompt: transformers rotates all prompt tokens of
-    one forward with theta(prompt length); here prompt token p uses theta(p + 1).
-`forward(..., seq_lens=...)` overrides seq_len per token (e.g. the sequence's length after this
-step, for every token, which reproduces transformers' single no-cache forward); cos/sin are then
-computed per call, equal to the table's up to float32 rounding. The engine does not pass it.
+  * transformers: one base per forward from max(position_ids) + 1 of the whole batch, grown only.
+    Cached keys keep the base they were rotated with while new queries use the current one, so
+    q and k of one attention product disagree on the base (relative positions are no longer
+    what RoPE encodes), and the result depends on the rest of the batch and on history.
+  * vLLM: one fixed base, theta(L0 * factor), for every token of every sequence. Batch- and
+    history-invariant, but short sequences no longer see the trained base.
+  * lamina (this module): one base per sequence, fixed when the request is admitted, for the
+    longest the sequence can get: rope_len = min(prompt + max_tokens - 1, max_model_len) tokens
+    (the last generated token is never fed). Every q and k of the sequence uses theta(rope_len),
+    so relative positions stay exact as the sequence grows; a sequence that fits in L0 keeps the
+    trained base bit for bit; a prompt scored alone (max_tokens=1) is rotated exactly as
+    transformers' single no-cache forward over it. The base is a function of the request alone,
+    so the result does not depend on the batch, on chunked prefill, or on recompute after
+    preemption; prefix-cache blocks are salted with rope_len, because keys rotated with another
+    base are not interchangeable. (An earlier convention gave token p the base theta(p + 1), as
+    transformers' token-by-token decoding does; keys and queries then mix bases and
+    perplexity past 2 x L0 came out worse than with no scaling at all.)
+The engine passes `rope_lens` (one length per token, 0 for the trained base); cos/sin come from a
+table per length, built on first use and kept in a small LRU, so lookups stay exact and cheap.
+Under StreamingLLM, positions are cache positions and no query spans more than sinks + window
+keys, so rope_len is capped at that.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -60,6 +61,8 @@ from lamina.config import ModelConfig
 from lamina.rope_config import RopeConfig
 
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
+# dynamic NTK: how many per-length cos/sin tables to keep (one per long request in flight)
+DYNAMIC_TABLES = 16
 
 
 def _exponents(dim: int) -> torch.Tensor:
@@ -179,74 +182,84 @@ class RotaryEmbedding(nn.Module):
         self.max_pos = config.max_position_embeddings
         self.dynamic = config.rope.rope_type == "dynamic"
         self.dim = int(config.head_dim * config.rope.partial_rotary_factor)
+        # for dynamic NTK: the trained base (the base of any sequence of at most max_pos tokens)
         inv_freq, self.attention_scaling = rope_inv_freq(config.rope, config.head_dim, self.max_pos)
         self.rotary_dim = inv_freq.numel() * 2
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cos: torch.Tensor | None = None
-        self._sin: torch.Tensor | None = None
+        self._cos, self._sin = self._table(inv_freq, self.max_pos)
+        # dynamic NTK: rope_len -> (cos, sin) tables with the base theta(rope_len), LRU
+        self._dynamic_tables: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._memo: tuple | None = None
-        self._build_cache(self.max_pos)
 
-    def _angles(self, positions: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
-        """[T, rotary_dim/2] rotation angles; for dynamic NTK, base from each token's seq_len."""
-        pos = positions.to(torch.float32)
-        if not self.dynamic:
-            return pos[:, None] * self.inv_freq[None, :]
-        lens = positions.to(torch.int64) + 1 if seq_lens is None else seq_lens
-        inv = _dynamic_inv_freq(self.rope, self.dim, self.max_pos, lens)
-        return pos[:, None] * inv
-
-    def _cos_sin_of(self, angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _table(self, inv_freq: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos/sin rows for positions 0 .. length-1, [length, rotary_dim]."""
+        angles = torch.arange(length, dtype=torch.int64).to(torch.float32)[:, None] * inv_freq
         emb = torch.cat((angles, angles), dim=-1)
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
-    def _build_cache(self, length: int) -> None:
-        positions = torch.arange(length, dtype=torch.int64)
-        self._cos, self._sin = self._cos_sin_of(self._angles(positions, None))
-
-    def cos_sin(
-        self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows for the given positions, [T, 1, rotary_dim]. The table (grown on demand)
-        serves every token unless dynamic NTK gets explicit `seq_lens`, computed per token.
-
-        Every layer asks with the same `positions` tensor in one forward pass: the last answer is
-        kept and reused (a decode step would otherwise repeat the lookup 30 times)."""
-        memo = self._memo
-        if memo is not None and memo[0] is positions and memo[1] is seq_lens and memo[2] == dtype:
-            return memo[3], memo[4]
-        cos, sin = self._lookup(positions, dtype, seq_lens)
-        self._memo = (positions, seq_lens, dtype, cos, sin)
-        return cos, sin
-
-    def _lookup(
-        self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.dynamic and seq_lens is not None:
-            cos, sin = self._cos_sin_of(self._angles(positions, seq_lens))
-            return cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
-        assert self._cos is not None and self._sin is not None
+    def _base_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self._cos.shape[0]:
-            self._build_cache(max(needed, 2 * self._cos.shape[0]))
-        return (
-            self._cos[positions].to(dtype).unsqueeze(1),
-            self._sin[positions].to(dtype).unsqueeze(1),
-        )
+            self._cos, self._sin = self._table(self.inv_freq, max(needed, 2 * self._cos.shape[0]))
+        return self._cos[positions], self._sin[positions]
+
+    def _dynamic_rows(
+        self, positions: torch.Tensor, rope_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the table whose base is theta(rope_len) (the trained one up to max_pos)."""
+        if rope_len <= self.max_pos:
+            return self._base_rows(positions)
+        needed = max(rope_len, int(positions.max()) + 1 if positions.numel() else 0)
+        table = self._dynamic_tables.pop(rope_len, None)
+        if table is None or table[0].shape[0] < needed:
+            theta_len = torch.tensor([rope_len])
+            inv_freq = _dynamic_inv_freq(self.rope, self.dim, self.max_pos, theta_len)[0]
+            table = self._table(inv_freq, needed)
+        self._dynamic_tables[rope_len] = table  # most recently used last
+        while len(self._dynamic_tables) > DYNAMIC_TABLES:
+            self._dynamic_tables.popitem(last=False)
+        return table[0][positions], table[1][positions]
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype, rope_lens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for the given positions, [T, 1, rotary_dim].
+
+        rope_lens: optional [T] int tensor, read by dynamic NTK only: the sequence length whose
+        base each token uses (see the module docstring); None or values <= max_pos mean the
+        trained base.
+
+        Every layer asks with the same tensors in one forward pass: the last answer is kept and
+        reused (a decode step would otherwise repeat the lookup 30 times)."""
+        memo = self._memo
+        if memo is not None and memo[0] is positions and memo[1] is rope_lens and memo[2] == dtype:
+            return memo[3], memo[4]
+        if self.dynamic and rope_lens is not None and bool((rope_lens > self.max_pos).any()):
+            lengths = torch.unique(rope_lens).tolist()
+            if len(lengths) == 1:
+                cos, sin = self._dynamic_rows(positions, lengths[0])
+            else:
+                cos = torch.empty(positions.numel(), self.rotary_dim)
+                sin = torch.empty_like(cos)
+                for length in lengths:
+                    rows = rope_lens == length
+                    cos[rows], sin[rows] = self._dynamic_rows(positions[rows], length)
+        else:
+            cos, sin = self._base_rows(positions)
+        cos, sin = cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+        self._memo = (positions, rope_lens, dtype, cos, sin)
+        return cos, sin
 
     def forward(
         self,
         positions: torch.Tensor,
         q: torch.Tensor,
         k: torch.Tensor,
-        seq_lens: torch.Tensor | None = None,
+        rope_lens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q [T, Hq, D] and k [T, Hk, D] for tokens at `positions` [T].
-
-        seq_lens: optional [T] int tensor, only read by dynamic NTK: the sequence length whose
-        base each token uses. Default: position + 1 (see the module docstring).
-        """
-        cos, sin = self.cos_sin(positions, q.dtype, seq_lens)
+        """Rotate q [T, Hq, D] and k [T, Hk, D] for tokens at `positions` [T] (`rope_lens`: as
+        in `cos_sin`)."""
+        cos, sin = self.cos_sin(positions, q.dtype, rope_lens)
         return apply_rotary(q, cos, sin, self.rotary_dim), apply_rotary(
             k, cos, sin, self.rotary_dim
         )

@@ -48,7 +48,7 @@ class LlamaAttention(nn.Module):
         heads = self.num_heads + self.num_kv_heads
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        cos, sin = self.rotary.cos_sin(positions, qkv.dtype)
+        cos, sin = self.rotary.cos_sin(positions, qkv.dtype, meta.rope_lens)
         if meta.streaming is None:  # q and k heads rotated in one pass: half the ops
             q, k = apply_rotary(qk, cos, sin, self.rotary.rotary_dim).split(
                 [self.num_heads, self.num_kv_heads], dim=1
