@@ -488,8 +488,11 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         "",
         "\\* tokens/s is informational only: one pass each, fed in chunks, on a shared 2-core "
         "machine whose load varied several-fold during the run (recompute: scored tokens/s, "
-        "every token is fed about twice). Runtime "
+        "every token is fed about twice; rope-dynamic: the pass of the longest length). Runtime "
         f"{res['runtime_s'] / 60:.1f} min in all.",
+        "",
+        "Dynamic NTK fixes a request's RoPE base from its length, so its row comes from one pass "
+        "per length (each its own request) and its plot curve from the longest pass.",
         "",
         f"![log perplexity vs input length]({path.with_suffix('.png').name})",
         "",
