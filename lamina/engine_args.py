@@ -47,6 +47,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="do not share KV blocks between requests with a common prefix",
     )
     p.add_argument(
+        "--no-pack-weights",
+        action="store_true",
+        help="keep float weights row-major (by default they are packed for oneDNN's CPU GEMM)",
+    )
+    p.add_argument(
         "--kv-cache-dtype",
         default="auto",
         choices=["auto", "int8"],
@@ -99,6 +104,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
+        pack_weights=not args.no_pack_weights,
         kv_cache_dtype=args.kv_cache_dtype,
         attention_sinks=args.attention_sinks,
         sliding_window=args.sliding_window,

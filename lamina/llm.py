@@ -43,6 +43,9 @@ class LLM:
     rope_scaling: override the checkpoint's RoPE scheme, e.g. {"rope_type": "yarn", "factor": 4};
         the default max_model_len then grows by the factor.
     enable_prefix_caching: share cached KV blocks between requests with a common prefix.
+    pack_weights: on CPU, keep float linears in oneDNN's packed layout (1.4-4x faster GEMMs at
+        decode batch sizes; lamina/layers/linear.py). The model's `Linear.weight` then stays
+        empty until `unpack()`.
     max_model_len: longest sequence (prompt + output); defaults to the model's trained context,
         or to what the KV cache holds if that is less.
     quantization: None (GGUF weights dequantized to `dtype`) or "gguf" (GGUF Q8_0 / Q4_0 /
@@ -68,6 +71,7 @@ class LLM:
         h2o_heavy: int | None = None,
         h2o_recent: int | None = None,
         quantization: str | None = None,
+        pack_weights: bool = True,
     ) -> None:
         loaded = load_model(model, dtype, rope_scaling, quantization)
         cache = CacheConfig(
@@ -99,6 +103,7 @@ class LLM:
                 max_model_len=max_len,
             ),
             enable_prefix_caching=enable_prefix_caching,
+            pack_weights=pack_weights,
         )
         self.tokenizer = loaded.tokenizer
         self._ids = itertools.count()

@@ -30,8 +30,11 @@ class LLMEngine:
         cache_config: CacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
         enable_prefix_caching: bool = True,
+        pack_weights: bool = True,
     ) -> None:
         self.loaded = loaded
+        if pack_weights:  # the engine owns the model from here: pack its GEMMs for this CPU
+            loaded.model.pack_weights()
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.cache_config = cache_config or CacheConfig()

@@ -18,7 +18,7 @@ from lamina.attention.torch_backend import paged_attention
 from lamina.config import ModelConfig
 from lamina.kv.cache import LayerCache
 from lamina.layers.activation import silu_and_mul
-from lamina.layers.linear import Linear
+from lamina.layers.linear import Linear, can_pack, pack_weight, packed_linear
 from lamina.layers.norm import RMSNorm
 from lamina.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -127,6 +127,8 @@ class LlamaForCausalLM(nn.Module):
             )
         )
 
+        self.packed_lm_head: torch.Tensor | None = None  # set by pack_weights
+
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens if self.lm_head is None else self.lm_head
@@ -145,7 +147,37 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the selected hidden rows (sampling wants full precision)."""
+        if self.packed_lm_head is not None:
+            return packed_linear(hidden, self.packed_lm_head).float()
         return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
+
+    def pack_weights(self) -> int:
+        """Pack every plain Linear and the LM head for oneDNN's CPU GEMM (lamina/layers/
+        linear.py); quantized linears keep their own kernels. The embedding table stays
+        row-major for the lookup, so a tied head costs one more vocab x hidden copy: taken for
+        float models (speed), not when any decoder linear is quantized (its user chose memory).
+        Returns the number of matrices packed."""
+        count = sum(m.pack() for m in self.modules() if type(m) is Linear)
+        # quantized linears follow lamina.quant.base.QuantLinear
+        quantized = any(hasattr(m, "state_tensors") for m in self.layers.modules())
+        tied_cost = self.lm_head is None and quantized
+        if self.packed_lm_head is None and not tied_cost and can_pack(self.lm_head_weight):
+            self.packed_lm_head = pack_weight(self.lm_head_weight)
+            if self.lm_head is not None:  # untied: the row-major head is no longer needed
+                self.lm_head = nn.Parameter(self.lm_head.new_empty(0), requires_grad=False)
+            count += 1
+        return count
+
+    def unpack_weights(self) -> None:
+        """Undo `pack_weights`: row-major weights again, for code that reads or edits them."""
+        for m in self.modules():
+            if type(m) is Linear:
+                m.unpack()
+        if self.packed_lm_head is not None:
+            if self.lm_head is not None:
+                dense = self.packed_lm_head.to_dense()
+                self.lm_head = nn.Parameter(dense, requires_grad=False)
+            self.packed_lm_head = None
 
     # ---- loading -------------------------------------------------------------------------
     def expected_weights(self) -> set[str]:

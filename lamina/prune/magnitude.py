@@ -142,6 +142,7 @@ def sparsity_of(model: LlamaForCausalLM) -> float:
     zeros = total = 0
     for i in range(len(model.layers)):
         for lin in decoder_linears(model, i).values():
-            zeros += int((lin.weight == 0).sum())
-            total += lin.weight.numel()
+            weight = lin.dense_weight()
+            zeros += int((weight == 0).sum())
+            total += weight.numel()
     return zeros / max(total, 1)

@@ -284,9 +284,12 @@ def load_gguf_native(
 
 
 def model_bytes(net: nn.Module) -> int:
-    """Bytes of a model's parameters and buffers (what its weights cost in memory)."""
+    """Bytes of a model's parameters and buffers (what its weights cost in memory), including
+    weights packed for oneDNN (`Linear.pack`, `pack_weights`)."""
     tensors = list(net.parameters()) + list(net.buffers())
     seen: dict[int, int] = {}
     for t in tensors:  # shared storage (tied embeddings) counted once
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
+    packed = [getattr(m, "packed", None) for m in net.modules()]
+    packed.append(getattr(net, "packed_lm_head", None))
+    return sum(seen.values()) + sum(p.numel() * p.element_size() for p in packed if p is not None)
