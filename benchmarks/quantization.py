@@ -26,14 +26,14 @@ from lamina.eval.perplexity import perplexity
 from lamina.prune import prune_model
 from lamina.quant import quantize_model
 from lamina.quant.calibrate import calib_ids_from_text
+from lamina.quant.gguf_native import model_bytes as weight_bytes
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def model_bytes(llm: LLM) -> int:
-    model = llm.engine.loaded.model
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Weight bytes in memory, packed copies included (lamina.quant.gguf_native.model_bytes)."""
+    return weight_bytes(llm.engine.loaded.model)
 
 
 def speed(llm: LLM, repeats: int) -> tuple[list[float], list[float]]:

@@ -80,3 +80,27 @@ def test_engine_packs_by_default_and_matches_the_row_major_model(tiny_model_fact
     assert torch.equal(net.lm_head_weight, reference.lm_head_weight)
     c = packed.generate([{"prompt_token_ids": prompt}], greedy, use_tqdm=False)[0]
     assert c.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_quantize_and_prune_work_on_an_engine_packed_model(tiny_model_factory):
+    """Both read and rewrite `Linear.weight`: they unpack first and pack what is left after."""
+    from lamina.prune import prune_model
+    from lamina.prune.magnitude import sparsity_of
+    from lamina.quant import quantize_model
+
+    folder, _ = tiny_model_factory("llama_gqa")
+    common = {"dtype": "float32", "block_size": 4, "num_kv_blocks": 64}
+    prompt = list(range(5, 40))
+    ref = LLM(str(folder), pack_weights=False, **common)
+    quantize_model(ref.engine.loaded.model, "int8", progress=False)
+    llm = LLM(str(folder), **common)
+    quantize_model(llm.engine.loaded.model, "int8", progress=False)
+    assert llm.engine.loaded.model.packed_lm_head is not None  # untied head packed again
+    torch.testing.assert_close(
+        llm.engine.prompt_logits(prompt), ref.engine.prompt_logits(prompt), atol=1e-4, rtol=1e-4
+    )
+    pruned = LLM(str(folder), **common)
+    prune_model(pruned.engine.loaded.model, "magnitude", sparsity=0.5, progress=False)
+    net = pruned.engine.loaded.model
+    assert net.layers[0].mlp.down_proj.packed is not None
+    assert abs(sparsity_of(net) - 0.5) < 1e-3

@@ -8,7 +8,10 @@ on a CPU); `load_weights` maps checkpoint names onto the fused parameters.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -94,6 +97,22 @@ class LlamaDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def on_row_major_weights(fn: _F) -> _F:
+    """Decorate a function that reads or rewrites the weights of the model given as its first
+    argument: it runs inside `model.row_major_weights()`, so it also works on a model the engine
+    has packed."""
+
+    @functools.wraps(fn)
+    def wrapper(model: LlamaForCausalLM, *args: Any, **kwargs: Any) -> Any:
+        with model.row_major_weights():
+            return fn(model, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 # checkpoint projection name -> (fused parameter, shard index)
 _STACKED = {
     "q_proj": ("qkv_proj", 0),
@@ -168,16 +187,31 @@ class LlamaForCausalLM(nn.Module):
             count += 1
         return count
 
-    def unpack_weights(self) -> None:
-        """Undo `pack_weights`: row-major weights again, for code that reads or edits them."""
+    def unpack_weights(self) -> bool:
+        """Undo `pack_weights`: row-major weights again, for code that reads or edits them.
+        Returns whether anything was packed."""
+        was_packed = self.packed_lm_head is not None
         for m in self.modules():
-            if type(m) is Linear:
+            if type(m) is Linear and m.packed is not None:
                 m.unpack()
+                was_packed = True
         if self.packed_lm_head is not None:
             if self.lm_head is not None:
                 dense = self.packed_lm_head.to_dense()
                 self.lm_head = nn.Parameter(dense, requires_grad=False)
             self.packed_lm_head = None
+        return was_packed
+
+    @contextmanager
+    def row_major_weights(self) -> Iterator[None]:
+        """Unpacked weights inside the block (quantizing, pruning), packed again after it if
+        they were packed before."""
+        repack = self.unpack_weights()
+        try:
+            yield
+        finally:
+            if repack:
+                self.pack_weights()
 
     # ---- loading -------------------------------------------------------------------------
     def expected_weights(self) -> set[str]:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from lamina.attention.metadata import AttentionMetadata
 from lamina.kv.cache import KVCache
-from lamina.models.llama import LlamaForCausalLM
+from lamina.models.llama import LlamaForCausalLM, on_row_major_weights
 from lamina.prune.magnitude import (
     GROUPS,
     apply_mask,
@@ -110,6 +110,7 @@ def _input_norms(
     return {name: s.sqrt().float() for name, s in sumsq.items()}, outs
 
 
+@on_row_major_weights
 @torch.no_grad()
 def prune_model(
     model: LlamaForCausalLM,

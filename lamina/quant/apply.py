@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lamina.layers.linear import Linear
-from lamina.models.llama import LlamaForCausalLM
+from lamina.models.llama import LlamaForCausalLM, on_row_major_weights
 from lamina.quant.awq import apply_awq
 from lamina.quant.calibrate import collect_stats
 from lamina.quant.int4 import GROUP_SIZES, Int4Linear
@@ -105,6 +105,7 @@ def _convert(cfg: QuantConfig, lin: Linear, clip: torch.Tensor | None) -> nn.Mod
     return W8A8Linear.from_float(lin.weight, lin.bias)
 
 
+@on_row_major_weights
 @torch.no_grad()
 def quantize_model(
     model: LlamaForCausalLM,
