@@ -72,7 +72,12 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--only", default=None, help="comma-separated subset of the rows")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated subset of the rows (re-measured; the other rows of an earlier "
+        "results JSON are kept)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     eval_text = load_corpus(["hamlet"])
@@ -114,7 +119,10 @@ def main() -> None:
     if args.only:
         wanted = {w.strip() for w in args.only.split(",")}
         rows = {k: v for k, v in rows.items() if any(k.startswith(w) for w in wanted)}
-    results = {}
+    results: dict = {}
+    earlier = RESULTS / "quantization.json"
+    if args.only and earlier.exists():  # re-measure some rows, keep the others (in order)
+        results = json.loads(earlier.read_text())
     for name, build in rows.items():
         try:
             llm = build()
