@@ -12,7 +12,7 @@ ITL (gaps between text chunks); each reported as mean, median and p99 over the r
 request throughput, output-token throughput and total-token throughput.
 
     python benchmarks/serve.py [--model M.gguf] [--num-prompts 32] [--input-len 128]
-        [--output-len 64] [--concurrency 1 4 16] [--backends lamina llama.cpp]
+        [--output-len 64] [--concurrency 1 4 16] [--backends lamina lamina-gguf llama.cpp]
 
 llama-cpp-python compiles llama.cpp on install (~12 min on 2 cores), so it is not a dependency:
 without it the llama.cpp half is skipped with a message. Its bundled server runs one request
@@ -83,9 +83,13 @@ def make_prompts(tok: Any, n: int, input_len: int, seed: int) -> list[tuple[str,
     return prompts
 
 
+BACKENDS = ("lamina", "lamina-gguf", "llama.cpp")
+
+
 def server_command(backend: str, model: Path, port: int, args: argparse.Namespace) -> list[str]:
     threads = str(args.threads)
-    if backend == "lamina":
+    if backend.startswith("lamina"):
+        native = ["--quantization", "gguf"] if backend == "lamina-gguf" else []
         return [
             sys.executable,
             "-m",
@@ -102,6 +106,7 @@ def server_command(backend: str, model: Path, port: int, args: argparse.Namespac
             str(max(64, max(args.concurrency))),
             "--log-level",
             "warning",
+            *native,
         ]
     return [
         sys.executable,
@@ -335,14 +340,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument(
-        "--backends", nargs="+", default=["lamina", "llama.cpp"], choices=["lamina", "llama.cpp"]
+        "--backends",
+        nargs="+",
+        default=list(BACKENDS),
+        choices=BACKENDS,
+        help="lamina: bf16 weights dequantized from the GGUF; lamina-gguf: the GGUF's quantized "
+        "linears run natively (--quantization gguf)",
     )
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument(
         "--threads",
         type=int,
         default=os.cpu_count() or 1,
-        help="llama.cpp threads (lamina uses torch's default: all cores)",
+        help="llama.cpp threads (lamina serve's default: the cores minus one, kept for its "
+        "event loop)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "serve"), help="path prefix of .json / .md")
