@@ -39,7 +39,8 @@ llm = LLM()
 t_load = time.perf_counter() - t0
 out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
 t_first = time.perf_counter() - t0
-weights = sum(p.numel() * p.element_size() for p in llm.engine.loaded.model.parameters())
+from lamina.quant.gguf_native import model_bytes  # packed weights included
+weights = model_bytes(llm.engine.loaded.model)
 print(json.dumps(dict(load_s=t_load, first_token_s=t_first, rss_mb=rss_mb(),
                       rss_over_torch_mb=rss_mb() - base, weights_mb=weights / 2**20)))
 """
