@@ -104,3 +104,22 @@ def test_quantize_and_prune_work_on_an_engine_packed_model(tiny_model_factory):
     net = pruned.engine.loaded.model
     assert net.layers[0].mlp.down_proj.packed is not None
     assert abs(sparsity_of(net) - 0.5) < 1e-3
+
+
+def test_save_quantized_from_an_engine_packed_model(tiny_model_factory, tmp_path):
+    """save_quantized reads the LM head and norms: it unpacks first, so the checkpoint is whole."""
+    from lamina.quant import quantize_model
+    from lamina.quant.checkpoint import save_quantized
+
+    folder, _ = tiny_model_factory("llama_gqa")  # untied: the packed head replaced lm_head
+    common = {"dtype": "float32", "block_size": 4, "num_kv_blocks": 64}
+    llm = LLM(str(folder), **common)
+    loaded = llm.engine.loaded
+    quantize_model(loaded.model, "int8", progress=False)
+    out = save_quantized(loaded.model, loaded.config, loaded.tokenizer, tmp_path / "q")
+    assert loaded.model.packed_lm_head is not None  # packed again afterwards
+    again = LLM(str(out), **common)
+    prompt = list(range(5, 40))
+    torch.testing.assert_close(
+        again.engine.prompt_logits(prompt), llm.engine.prompt_logits(prompt), atol=1e-4, rtol=1e-4
+    )

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from lamina.config import ModelConfig
 from lamina.loading import hf
-from lamina.models.llama import LlamaForCausalLM
+from lamina.models.llama import LlamaForCausalLM, on_row_major_weights
 from lamina.prune.magnitude import parse_n_m, sparsity_of
 from lamina.prune.wanda import METHODS, PruneConfig
 
@@ -44,6 +44,7 @@ def hf_state(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     return out
 
 
+@on_row_major_weights
 def save_pruned(
     model: LlamaForCausalLM,
     config: ModelConfig,

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from lamina.config import ModelConfig
 from lamina.loading import hf
-from lamina.models.llama import LlamaForCausalLM
+from lamina.models.llama import LlamaForCausalLM, on_row_major_weights
 from lamina.quant.apply import QUANT_METHOD_TAG, QuantConfig, decoder_linears, empty_linear
 from lamina.quant.int4 import Int4Linear
 
@@ -60,6 +60,7 @@ def quantized_state(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+@on_row_major_weights
 def save_quantized(
     model: LlamaForCausalLM, config: ModelConfig, tokenizer: Any, out_dir: str | Path
 ) -> Path:
