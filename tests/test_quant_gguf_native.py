@@ -171,7 +171,31 @@ def test_smollm2_q4_1_native(smollm2_path, smollm2_llm):
     assert (got.argmax(-1) == want.argmax(-1)).all()
     assert (got - want).abs().max() < 1.5  # logits span about -20 .. 25
     assert_greedy_agrees(smollm2_llm, nat, ids, atol=0.75)
-    # decoder layers: float32 424 MB; native int4 linears ~66 MB (the float32 embedding, 113 MB,
-    # and its packed copy as the LM head are the same in both)
+    # decoder layers: float32 424 MB; native int4 linears ~66 MB. Both pack the tied head
+    # (113 MB); the float model keeps its dense embedding (113 MB) for lookups, the native one
+    # the file's Q8_0 rows (30 MB)
     assert model_bytes(net.layers) < 0.2 * model_bytes(smollm2_llm.engine.loaded.model.layers)
-    assert model_bytes(net) < 0.5 * model_bytes(smollm2_llm.engine.loaded.model)
+    assert model_bytes(net) < 0.35 * model_bytes(smollm2_llm.engine.loaded.model)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_1"])
+def test_tied_quantized_embedding_is_looked_up_from_its_gguf_rows(tmp_path, name):
+    """A tied model run natively keeps its token_embd as the file's quantized rows once the LM
+    head is packed: lookups give exactly the dense table's rows, and the dense table goes."""
+    from lamina.quant.gguf_native import GGUFRowTable
+
+    path = tmp_path / "tied.gguf"
+    write_gguf(make_hf_model("llama", seed=1, tie_word_embeddings=True), path, QT[name])
+    kw = dict(dtype="float32", block_size=4, num_kv_blocks=64, quantization="gguf")
+    nat, dense = LLM(str(path), **kw), LLM(str(path), pack_weights=False, **kw)
+    net, ref = nat.engine.loaded.model, dense.engine.loaded.model
+    assert isinstance(net.embed_lookup, GGUFRowTable) and net.embed_tokens.numel() == 0
+    assert ref.embed_lookup is None and ref.embed_tokens.numel() > 0  # unpacked: dense only
+    ids = torch.tensor([[3, 7], [200, 3]])
+    assert torch.equal(net.embed(ids), ref.embed_tokens[ids])
+    assert model_bytes(net) < model_bytes(ref) + 0.5 * ref.embed_tokens.numel() * 4
+    got, want = nat.engine.prompt_logits(PROMPT), dense.engine.prompt_logits(PROMPT)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    net.unpack_weights()  # the dense table comes back from the packed head
+    assert torch.equal(net.embed_tokens, ref.embed_tokens)
+    torch.testing.assert_close(nat.engine.prompt_logits(PROMPT), want, atol=1e-4, rtol=1e-4)

@@ -147,6 +147,9 @@ class LlamaForCausalLM(nn.Module):
         )
 
         self.packed_lm_head: torch.Tensor | None = None  # set by pack_weights
+        # a compact exact lookup for a tied embedding (GGUF rows), which lets pack_weights drop
+        # the dense table once it serves as the packed head
+        self.embed_lookup: nn.Module | None = None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -159,10 +162,16 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: list[LayerCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        h = self.embed_tokens[input_ids]
+        h = self.embed(input_ids)
         for layer, kv in zip(self.layers, kv_cache):
             h = layer(positions, h, kv, meta)
         return self.norm(h)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, from the dense table or, once it is dropped, the compact one."""
+        if self.embed_lookup is not None and self.embed_tokens.numel() == 0:
+            return self.embed_lookup(input_ids)
+        return self.embed_tokens[input_ids]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the selected hidden rows (sampling wants full precision)."""
@@ -181,6 +190,10 @@ class LlamaForCausalLM(nn.Module):
             self.packed_lm_head = pack_weight(self.lm_head_weight)
             if self.lm_head is not None:  # untied: the row-major head is no longer needed
                 self.lm_head = nn.Parameter(self.lm_head.new_empty(0), requires_grad=False)
+            elif self.embed_lookup is not None:  # tied, with a compact table for lookups
+                self.embed_tokens = nn.Parameter(
+                    self.embed_tokens.new_empty(0), requires_grad=False
+                )
             count += 1
         return count
 
@@ -193,9 +206,11 @@ class LlamaForCausalLM(nn.Module):
                 m.unpack()
                 was_packed = True
         if self.packed_lm_head is not None:
+            dense = nn.Parameter(self.packed_lm_head.to_dense(), requires_grad=False)
             if self.lm_head is not None:
-                dense = self.packed_lm_head.to_dense()
-                self.lm_head = nn.Parameter(dense, requires_grad=False)
+                self.lm_head = dense
+            elif self.embed_tokens.numel() == 0:
+                self.embed_tokens = dense
             self.packed_lm_head = None
         return was_packed
 

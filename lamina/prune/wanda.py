@@ -163,7 +163,7 @@ def prune_model(
             raise ValueError("wanda needs at least one calibration token")
         caches: dict[int, Any] = {}
         with torch.inference_mode():
-            hs = [model.embed_tokens[torch.tensor(s)] for s in seqs]
+            hs = [model.embed(torch.tensor(s)) for s in seqs]
         for i in tqdm(range(num_layers), desc="wanda pruning", unit="layer", disable=not progress):
             norms, dense_out = _input_norms(model, i, hs, caches)
             for path, lin in decoder_linears(model, i).items():

@@ -234,6 +234,39 @@ def load_rest(
         del net.expected_weights
 
 
+class GGUFRowTable(nn.Module):
+    """An embedding table kept as the GGUF file's quantized rows; a lookup dequantizes only the
+    rows asked for, with the same `gguf` function the loader uses for the whole table, so the
+    values are exactly those of the dense table. It lets a tied model drop its dense
+    embedding once the LM head is packed (`LlamaForCausalLM.pack_weights`): SmolLM2's Q8_0
+    table is 30 MB where the dense one is 57 MB in bf16 and 113 MB in float32."""
+
+    def __init__(self, rows: np.ndarray, qtype: gguf.GGMLQuantizationType, dtype: torch.dtype):
+        super().__init__()
+        self.qtype = qtype
+        self.dtype = dtype
+        # a copy: the reader's arrays are read-only views of the memory-mapped file
+        self.register_buffer("rows", torch.from_numpy(np.array(rows, copy=True)), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        picked = self.rows[ids.reshape(-1)].numpy()
+        values = gguf.quants.dequantize(picked, self.qtype).astype(np.float32, copy=False)
+        return torch.from_numpy(values).to(self.dtype).reshape(*ids.shape, -1)
+
+
+# quantized embedding types worth keeping as rows (smaller than bf16; the float types are not)
+_COMPACT_ROWS = {
+    gguf.GGMLQuantizationType.Q8_0,
+    gguf.GGMLQuantizationType.Q6_K,
+    gguf.GGMLQuantizationType.Q5_0,
+    gguf.GGMLQuantizationType.Q5_1,
+    gguf.GGMLQuantizationType.Q5_K,
+    gguf.GGMLQuantizationType.Q4_0,
+    gguf.GGMLQuantizationType.Q4_1,
+    gguf.GGMLQuantizationType.Q4_K,
+}
+
+
 def set_linear(net: LlamaForCausalLM, layer: int, fused: str, module: nn.Module) -> None:
     owner, attr = fused.split(".")
     setattr(getattr(net.layers[layer], owner), attr, module)
@@ -279,6 +312,9 @@ def load_gguf_native(
             skip.update(names)
             held.update(f"model.layers.{i}.{p}.weight" for p in parts)
     load_rest(net, gguf_loading.iter_gguf_tensors(reader, config, dtype, skip=skip), held)
+    embedding = tensors.get("token_embd.weight")
+    if net.lm_head is None and embedding is not None and embedding.tensor_type in _COMPACT_ROWS:
+        net.embed_lookup = GGUFRowTable(np.asarray(embedding.data), embedding.tensor_type, dtype)
     net.gguf_native = native
     return native
 
