@@ -50,7 +50,8 @@ class LLM:
         or to what the KV cache holds if that is less.
     quantization: None (GGUF weights dequantized to `dtype`) or "gguf" (GGUF Q8_0 / Q4_0 /
         Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K decoder linears run natively on the int4 kernel, about
-        a sixth of their float32 memory; other types and the embedding stay float).
+        a sixth of their float32 memory; other types stay float; a quantized token embedding
+        is kept as the file's rows and dequantized per looked-up token).
     """
 
     def __init__(

@@ -199,3 +199,20 @@ def test_tied_quantized_embedding_is_looked_up_from_its_gguf_rows(tmp_path, name
     net.unpack_weights()  # the dense table comes back from the packed head
     assert torch.equal(net.embed_tokens, ref.embed_tokens)
     torch.testing.assert_close(nat.engine.prompt_logits(PROMPT), want, atol=1e-4, rtol=1e-4)
+
+
+def test_untied_quantized_embedding_needs_no_dense_table(tmp_path):
+    """Untied, the embedding only serves lookups: native mode keeps just the file's rows."""
+    path = tmp_path / "untied.gguf"
+    write_gguf(make_hf_model("llama", seed=2), path, QT.Q8_0)
+    kw = dict(dtype="float32", block_size=4, num_kv_blocks=64)
+    nat = LLM(str(path), quantization="gguf", **kw)
+    ref = LLM(str(path), **kw)
+    net = nat.engine.loaded.model
+    assert net.lm_head is not None and net.embed_tokens.numel() == 0
+    ids = torch.tensor([5, 9, 200])
+    assert torch.equal(net.embed(ids), ref.engine.loaded.model.embed_tokens[ids])
+    plain = LLM(str(path), quantization="gguf", pack_weights=False, **kw)  # rows still used
+    torch.testing.assert_close(
+        plain.engine.prompt_logits(PROMPT), nat.engine.prompt_logits(PROMPT), atol=1e-4, rtol=1e-4
+    )

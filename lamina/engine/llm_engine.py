@@ -35,8 +35,8 @@ class LLMEngine:
         self.loaded = loaded
         if pack_weights:  # the engine owns the model from here: pack its GEMMs for this CPU
             loaded.model.pack_weights()
-        else:  # the dense embedding stays: a compact lookup table would only take memory
-            loaded.model.embed_lookup = None
+        elif loaded.model.embed_tokens.numel() > 0:  # the dense table stays: a compact
+            loaded.model.embed_lookup = None  # lookup table would only take memory
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.cache_config = cache_config or CacheConfig()

@@ -237,9 +237,9 @@ def load_rest(
 class GGUFRowTable(nn.Module):
     """An embedding table kept as the GGUF file's quantized rows; a lookup dequantizes only the
     rows asked for, with the same `gguf` function the loader uses for the whole table, so the
-    values are exactly those of the dense table. It lets a tied model drop its dense
-    embedding once the LM head is packed (`LlamaForCausalLM.pack_weights`): SmolLM2's Q8_0
-    table is 30 MB where the dense one is 57 MB in bf16 and 113 MB in float32."""
+    values are exactly those of the dense table. An untied model needs no dense embedding at
+    all; a tied one drops it once the LM head is packed (`LlamaForCausalLM.pack_weights`).
+    SmolLM2's Q8_0 table is 30 MB where the dense one is 57 MB in bf16 and 113 MB in float32."""
 
     def __init__(self, rows: np.ndarray, qtype: gguf.GGMLQuantizationType, dtype: torch.dtype):
         super().__init__()
@@ -313,8 +313,10 @@ def load_gguf_native(
             held.update(f"model.layers.{i}.{p}.weight" for p in parts)
     load_rest(net, gguf_loading.iter_gguf_tensors(reader, config, dtype, skip=skip), held)
     embedding = tensors.get("token_embd.weight")
-    if net.lm_head is None and embedding is not None and embedding.tensor_type in _COMPACT_ROWS:
+    if embedding is not None and embedding.tensor_type in _COMPACT_ROWS:
         net.embed_lookup = GGUFRowTable(np.asarray(embedding.data), embedding.tensor_type, dtype)
+        if net.lm_head is not None:  # untied: the dense table only served lookups
+            net.embed_tokens = nn.Parameter(net.embed_tokens.new_empty(0), requires_grad=False)
     net.gguf_native = native
     return native
 
