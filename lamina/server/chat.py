@@ -3,6 +3,7 @@ in OpenAI's order (the role first, content deltas, finish, then a usage chunk wh
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -79,7 +80,10 @@ async def create_chat_completion(sv: Serving, req: ChatCompletionRequest, raw: R
     sv.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs needs logprobs=true", 400, param="top_logprobs")
-    ids = render_chat(sv, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+    # the template and tokenizer run off the event loop, which streams every other request
+    ids = await asyncio.to_thread(
+        render_chat, sv, req.messages, req.add_generation_prompt, req.chat_template_kwargs
+    )
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else (req.max_tokens)
     )

@@ -4,6 +4,7 @@ stop strings; seeds; SSE streaming with an optional final usage chunk."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -81,7 +82,8 @@ async def create_completion(sv: Serving, req: CompletionRequest, raw: Request) -
         raise APIError("suffix is not supported", 400, param="suffix")
     if req.stream and req.best_of is not None and req.best_of != req.n:
         raise APIError("best_of must equal n when streaming", 400, param="best_of")
-    prompts = _prompts(sv, req.prompt)
+    # tokenizing a long prompt takes milliseconds: off the event loop, which streams everyone
+    prompts = await asyncio.to_thread(_prompts, sv, req.prompt)
     want_prompt_lp = req.echo and req.logprobs is not None
     params = [
         sv.sampling_params(
