@@ -1,4 +1,5 @@
-"""Hugging Face folders: config.json, (sharded) safetensors, generation_config.json.
+"""Hugging Face folders: config.json, (sharded) safetensors, generation_config.json; read, and
+written for lamina's quantized and pruned checkpoints.
 
 safetensors files are memory-mapped and tensors are handed out one at a time, so loading never
 holds a second full copy of the weights; nothing is unpickled.
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lamina.config import ModelConfig
 
@@ -61,3 +63,36 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def write_hf_folder(
+    out_dir: str | Path,
+    tensors: dict[str, torch.Tensor],
+    config: ModelConfig,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    extra_config: dict[str, Any],
+    metadata: dict[str, str] | None = None,
+    generation_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write tensors, config.json (the model's config plus `extra_config`, e.g. a
+    quantization or pruning block), generation_config.json and the tokenizer as a folder that
+    `load_model` (and, for dense weights, transformers) reads. Returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", **(metadata or {})})
+    hf_config = config.to_hf()
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    hf_config.update(extra_config)
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        hf_config["pad_token_id"] = tokenizer.pad_token_id
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    gen = dict(generation_config or {})
+    gen.setdefault("bos_token_id", config.bos_token_id)
+    gen.setdefault("eos_token_id", hf_config["eos_token_id"])
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tokenizer.save_hf(out)
+    return out

@@ -13,21 +13,17 @@ every loader ignores it.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from lamina.config import ModelConfig
 from lamina.loading import hf
 from lamina.models.llama import LlamaForCausalLM, on_row_major_weights
 from lamina.prune.magnitude import parse_n_m, sparsity_of
 from lamina.prune.wanda import METHODS, PruneConfig
-
-WEIGHTS_FILE = "model.safetensors"
 
 
 def hf_state(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
@@ -56,21 +52,15 @@ def save_pruned(
     pcfg: PruneConfig | None = getattr(model, "prune_config", None)
     if pcfg is None:
         raise ValueError("the model is not pruned; call prune_model first")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    hf_config = config.to_hf()
-    hf_config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    hf_config["pruning_config"] = pcfg.to_json()
-    if getattr(tokenizer, "pad_token_id", None) is not None:
-        hf_config["pad_token_id"] = tokenizer.pad_token_id
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    gen = dict(generation_config or {})
-    gen.setdefault("bos_token_id", config.bos_token_id)
-    gen.setdefault("eos_token_id", hf_config["eos_token_id"])
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    tokenizer.save_hf(out)
-    return out
+    return hf.write_hf_folder(
+        out_dir,
+        hf_state(model),
+        config,
+        tokenizer,
+        model.dtype,
+        {"pruning_config": pcfg.to_json()},
+        generation_config=generation_config,
+    )
 
 
 def pruning_config_of(folder: str | Path) -> dict[str, Any] | None:

@@ -12,20 +12,16 @@ in-memory kernel layout deterministically, so tensors and logits are identical a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from lamina.config import ModelConfig
 from lamina.loading import hf
 from lamina.models.llama import LlamaForCausalLM, on_row_major_weights
 from lamina.quant.apply import QUANT_METHOD_TAG, QuantConfig, decoder_linears, empty_linear
 from lamina.quant.int4 import Int4Linear
-
-WEIGHTS_FILE = "model.safetensors"
 
 
 def quant_config_of(folder: str | Path) -> QuantConfig | None:
@@ -68,23 +64,15 @@ def save_quantized(
     qcfg: QuantConfig | None = getattr(model, "quant_config", None)
     if qcfg is None:
         raise ValueError("the model is not quantized; call quantize_model first")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
+    return hf.write_hf_folder(
+        out_dir,
         quantized_state(model),
-        str(out / WEIGHTS_FILE),
-        metadata={"format": "pt", "quant_method": QUANT_METHOD_TAG, "method": qcfg.method},
+        config,
+        tokenizer,
+        model.dtype,
+        {"quantization_config": qcfg.to_json()},
+        metadata={"quant_method": QUANT_METHOD_TAG, "method": qcfg.method},
     )
-    hf_config = config.to_hf()
-    hf_config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    hf_config["quantization_config"] = qcfg.to_json()
-    if getattr(tokenizer, "pad_token_id", None) is not None:
-        hf_config["pad_token_id"] = tokenizer.pad_token_id
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": hf_config["eos_token_id"]}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    tokenizer.save_hf(out)
-    return out
 
 
 @torch.no_grad()
