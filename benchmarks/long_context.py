@@ -18,7 +18,8 @@ distance. Rows (methods):
   rope-linear / rope-ntk / rope-dynamic / rope-yarn   dense attention, RoPE scaled by --factor
   window         plain window attention: the last W tokens only (attention_sinks=0)
   streamingllm   4 attention sinks + the last W tokens (Xiao et al., 2023)
-  h2o            H2O: W/2 heavy hitters + W/2 recent tokens (Zhang et al., 2023)
+  h2o            H2O: W/2 heavy hitters + W/2 recent tokens (Zhang et al., 2023), true positions
+  h2o-ranks      the same H2O budget, tokens positioned by their rank in the cache
   int8-kv        dense attention over an int8 KV cache (per token and head scales)
 
 Peak KV memory per request is the block manager's high-water mark times the bytes of a block.
@@ -68,6 +69,7 @@ ALL_METHODS = (
     "recompute",
     "streamingllm",
     "h2o",
+    "h2o-ranks",
     "int8-kv",
 )
 RUN_PRIORITY = (
@@ -75,6 +77,7 @@ RUN_PRIORITY = (
     "streamingllm",
     "window",
     "h2o",
+    "h2o-ranks",
     "int8-kv",
     "recompute",
     "rope-yarn",
@@ -100,8 +103,9 @@ def method_kwargs(name: str, window: int, factor: float) -> dict[str, Any]:
         return {"sliding_window": window, "attention_sinks": 0}
     if name == "streamingllm":
         return {"sliding_window": window, "attention_sinks": SINKS}
-    if name == "h2o":
-        return {"h2o_heavy": window // 2, "h2o_recent": window - window // 2}
+    if name in ("h2o", "h2o-ranks"):
+        budget = {"h2o_heavy": window // 2, "h2o_recent": window - window // 2}
+        return budget | ({"h2o_cache_positions": True} if name == "h2o-ranks" else {})
     if name == "int8-kv":
         return {"kv_cache_dtype": "int8"}
     raise ValueError(f"unknown method {name!r}; known: {', '.join(ALL_METHODS)}")
@@ -118,6 +122,7 @@ def describe(name: str, window: int, factor: float) -> str:
         "recompute": f"sliding window w/ re-computation ({window // 2}-{window} tokens)",
         "streamingllm": f"{SINKS} sinks + last {window} tokens",
         "h2o": f"{window // 2} heavy + {window - window // 2} recent tokens",
+        "h2o-ranks": f"{window // 2} heavy + {window - window // 2} recent, rank positions",
         "int8-kv": "full attention, int8 KV cache",
     }[name]
 
@@ -128,7 +133,7 @@ def cache_blocks(name: str, length: int, window: int, chunk: int, block_size: in
     if name in ("window", "streamingllm"):
         sink_blocks = -(-SINKS // block_size) if name == "streamingllm" else 0
         return sink_blocks + -(-(window + chunk) // block_size) + 2 + 4
-    if name == "h2o":
+    if name in ("h2o", "h2o-ranks"):
         return -(-(window + chunk) // block_size) + 1 + 4
     return -(-(length + 1) // block_size) + 4
 
@@ -518,6 +523,7 @@ def plot(res: dict[str, Any], curves: dict[str, dict[str, list[float]]], path: P
         "recompute": ("tab:orange", (0, (1, 1))),
         "streamingllm": ("tab:blue", "-"),
         "h2o": ("tab:green", "-"),
+        "h2o-ranks": ("tab:olive", "-."),
         "int8-kv": ("tab:gray", ":"),
     }
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))

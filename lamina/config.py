@@ -204,6 +204,10 @@ class CacheConfig:
     # with the largest accumulated attention; off unless both are set.
     h2o_heavy: int | None = None
     h2o_recent: int | None = None
+    # H2O positions: False keeps each token's true position (the paper); True assigns positions
+    # by rank among the kept tokens, as StreamingLLM does, so lengths past the trained context
+    # never show the model an unseen position.
+    h2o_cache_positions: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -229,6 +233,8 @@ class CacheConfig:
                 f"h2o_heavy must be >= 0 and h2o_recent >= 1, got {self.h2o_heavy}, "
                 f"{self.h2o_recent}"
             )
+        if self.h2o_cache_positions and self.h2o_heavy is None:
+            raise ValueError("h2o_cache_positions needs H2O (h2o_heavy and h2o_recent)")
         if self.h2o_heavy is not None and self.sliding_window is not None:
             raise ValueError("choose one KV retention policy: StreamingLLM or H2O, not both")
 

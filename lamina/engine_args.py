@@ -79,6 +79,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--h2o-recent", type=int, default=None, help="H2O: most recent tokens kept per request"
     )
     p.add_argument(
+        "--h2o-cache-positions",
+        action="store_true",
+        help="H2O: position tokens by their rank among the kept ones (not their true position), "
+        "so requests can outgrow the trained context",
+    )
+    p.add_argument(
         "--rope-scaling",
         default=None,
         help='override RoPE scaling, e.g. \'{"rope_type": "dynamic", "factor": 4}\' '
@@ -110,6 +116,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         sliding_window=args.sliding_window,
         h2o_heavy=args.h2o_heavy,
         h2o_recent=args.h2o_recent,
+        h2o_cache_positions=args.h2o_cache_positions,
         rope_scaling=args.rope_scaling,
         quantization=args.quantization,
     )

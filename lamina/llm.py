@@ -38,6 +38,9 @@ class LLM:
         request, unbounded length. max_model_len then defaults to 1M tokens.
     h2o_heavy / h2o_recent: H2O eviction, a per-request budget of the most recent tokens plus
         the heavy hitters (largest accumulated attention); off by default.
+        h2o_cache_positions: rotate kept tokens at their rank among the kept ones (keys cached
+        un-rotated, as StreamingLLM) instead of their true positions, so a request can
+        outgrow the trained context.
     kv_cache_dtype: "auto" (the model dtype) or "int8" (per-token-per-head scales: ~3.8x the
         tokens of a float32 cache in the same bytes).
     rope_scaling: override the checkpoint's RoPE scheme, e.g. {"rope_type": "yarn", "factor": 4};
@@ -71,6 +74,7 @@ class LLM:
         sliding_window: int | None = None,
         h2o_heavy: int | None = None,
         h2o_recent: int | None = None,
+        h2o_cache_positions: bool = False,
         quantization: str | None = None,
         pack_weights: bool = True,
     ) -> None:
@@ -84,6 +88,7 @@ class LLM:
             sliding_window=sliding_window,
             h2o_heavy=h2o_heavy,
             h2o_recent=h2o_recent,
+            h2o_cache_positions=h2o_cache_positions,
         )
         rope = loaded.config.rope
         trained = loaded.config.max_position_embeddings

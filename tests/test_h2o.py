@@ -84,3 +84,74 @@ def test_memory_per_request_is_bounded(tiny_model_factory):
     assert kept <= 24 + 16  # budget + one step's tokens before eviction
     assert peak <= engine.policy.blocks_needed(16)
     engine.block_manager.check_all_free()
+
+
+def test_cache_positions_with_a_covering_budget_equals_dense(tiny_model_factory):
+    """Nothing evicted: every rank is the true position, so rank-positioned H2O (keys cached
+    un-rotated, rotated when read) gives the dense result."""
+    folder, _ = tiny_model_factory("llama_gqa")
+    common = {"dtype": "float32", "block_size": 8}
+    dense = LLM(str(folder), **common)
+    h2o = LLM(
+        str(folder),
+        h2o_heavy=64,
+        h2o_recent=64,
+        h2o_cache_positions=True,
+        max_num_batched_tokens=16,
+        **common,
+    )
+    torch.testing.assert_close(
+        h2o.engine.prompt_logits(PROMPT, chunk_size=9),
+        dense.engine.prompt_logits(PROMPT),
+        atol=1e-4,
+        rtol=0,
+    )
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    a = dense.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
+    b = h2o.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_cache_positions_stay_within_the_budget(tiny_model_factory):
+    """Past the budget, no token (query or key) is rotated at a position beyond budget + one
+    step, whatever the request's length; true-position H2O keeps counting."""
+    folder, _ = tiny_model_factory("llama_gqa")
+    seen: dict[bool, int] = {}
+    for by_rank in (True, False):
+        llm = LLM(
+            str(folder),
+            dtype="float32",
+            block_size=8,
+            h2o_heavy=8,
+            h2o_recent=8,
+            h2o_cache_positions=by_rank,
+            max_num_batched_tokens=8,
+        )
+        rotary = llm.engine.loaded.model.rotary
+        original = rotary.cos_sin
+        most = [0]
+
+        def spy(positions, dtype, rope_lens=None, original=original, most=most):
+            most[0] = max(most[0], int(positions.max()))
+            return original(positions, dtype, rope_lens)
+
+        rotary.cos_sin = spy
+        out = llm.generate(
+            {"prompt_token_ids": PROMPT},
+            SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
+            use_tqdm=False,
+        )[0]
+        assert len(out.outputs[0].token_ids) == 60
+        seen[by_rank] = most[0]
+        llm.engine.block_manager.check_all_free()
+    assert seen[True] < 16 + 8  # budget + one step of 8 tokens
+    assert seen[False] == len(PROMPT) + 60 - 2  # the last fed token's true position
+
+
+def test_cache_positions_needs_h2o():
+    import pytest
+
+    from lamina.config import CacheConfig
+
+    with pytest.raises(ValueError, match="h2o_cache_positions needs H2O"):
+        CacheConfig(h2o_cache_positions=True)

@@ -28,6 +28,7 @@ class H2OAttention:
     slots: list[torch.Tensor]
     positions: list[torch.Tensor]
     scores: list[torch.Tensor]
+    cache_positions: bool = False  # keys cached un-rotated, rotated at their rank when read
 
 
 @dataclass
@@ -59,6 +60,11 @@ class AttentionMetadata:
     # base); None when every sequence uses the trained base.
     rope_lens: torch.Tensor | None = None
     rope_seq_lens: list[int] | None = None
+
+    @property
+    def keys_rotated_on_read(self) -> bool:
+        """Keys are cached un-rotated (positions are cache ranks that shift on eviction)."""
+        return self.streaming is not None or (self.h2o is not None and self.h2o.cache_positions)
 
     @property
     def num_seqs(self) -> int:

@@ -41,7 +41,7 @@ def paged_attention(
     out = torch.empty_like(q)
     if meta.h2o is not None:
         for i in range(meta.num_seqs):
-            _h2o(q, cache, meta, meta.h2o, i, scale, groups, out)
+            _h2o(q, cache, meta, meta.h2o, i, scale, groups, out, rotary)
         return out
     if meta.streaming is not None:
         assert rotary is not None, "StreamingLLM rotates keys on read"
@@ -126,11 +126,7 @@ def _streaming(
     ki, vi = cache.gather(meta.block_tables[i, :nblocks])
     ki, vi = ki[:ctx], vi[:ctx]
     cache_pos = torch.arange(ctx, device=q.device)
-    rope_lens = (
-        None if meta.rope_seq_lens is None else torch.full_like(cache_pos, meta.rope_seq_lens[i])
-    )
-    cos, sin = rotary.cos_sin(cache_pos, ki.dtype, rope_lens)
-    ki = apply_rotary(ki, cos, sin, rotary.rotary_dim)
+    ki = _rotate_at_ranks(ki, meta, i, rotary)
     offset = win.offsets[i]
     key_pos = torch.where(cache_pos < win.sink_limit, cache_pos, cache_pos + offset)
     q_pos = torch.arange(ctx - qlen, ctx, device=q.device) + offset
@@ -144,6 +140,17 @@ def _streaming(
     out[start : start + qlen] = rearrange(oi, "1 h t d -> t h d")
 
 
+def _rotate_at_ranks(
+    k: torch.Tensor, meta: AttentionMetadata, i: int, rotary: RotaryEmbedding
+) -> torch.Tensor:
+    """Un-rotated keys [L, Hkv, D] of sequence i rotated at positions 0 .. L-1 (their index in
+    the compacted cache), with the sequence's dynamic-NTK length if it has one."""
+    ranks = torch.arange(k.shape[0], device=k.device)
+    lens = None if meta.rope_seq_lens is None else torch.full_like(ranks, meta.rope_seq_lens[i])
+    cos, sin = rotary.cos_sin(ranks, k.dtype, lens)
+    return apply_rotary(k, cos, sin, rotary.rotary_dim)
+
+
 def _h2o(
     q: torch.Tensor,
     cache: LayerCache,
@@ -153,11 +160,16 @@ def _h2o(
     scale: float,
     groups: int,
     out: torch.Tensor,
+    rotary: RotaryEmbedding | None,
 ) -> None:
     """Attention over one sequence's kept tokens, written out so the probabilities can be
-    accumulated into each kept token's heavy-hitter score."""
+    accumulated into each kept token's heavy-hitter score. With cache positions the
+    un-rotated keys are rotated at their rank among the kept tokens."""
     start, qlen = meta.query_starts[i], meta.query_lens[i]
     ki, vi = cache.gather_slots(h2o.slots[i])
+    if h2o.cache_positions:
+        assert rotary is not None, "H2O with cache positions rotates keys on read"
+        ki = _rotate_at_ranks(ki, meta, i, rotary)
     key_pos = h2o.positions[i]
     q_pos = key_pos[-qlen:]
     qi = rearrange(q[start : start + qlen], "t (h g) d -> h g t d", g=groups)

@@ -50,7 +50,9 @@ class LLMEngine:
         if cc.sliding_window is not None:
             self.policy = StreamingPolicy(cc.attention_sinks, cc.sliding_window, cc.block_size)
         elif cc.h2o_heavy is not None and cc.h2o_recent is not None:
-            self.policy = H2OPolicy(cc.h2o_heavy, cc.h2o_recent, cc.block_size)
+            self.policy = H2OPolicy(
+                cc.h2o_heavy, cc.h2o_recent, cc.block_size, cc.h2o_cache_positions
+            )
             enable_prefix_caching = False  # blocks with holes are no reusable prefix
         self.block_manager = BlockManager(num_blocks, cc.block_size, enable_prefix_caching)
         per_request = self.block_manager.blocks_needed(sched.max_model_len)
@@ -124,7 +126,7 @@ class LLMEngine:
     def _rope_len(self, seq: Sequence) -> int | None:
         """Dynamic NTK's per-sequence length (lamina/layers/rotary.py): the most tokens the
         model will be fed for this request (the last generated one never is), capped by the
-        context, or by sinks + window under StreamingLLM, whose positions index the cache. None
+        context, or by the kept span under StreamingLLM / H2O with cache positions. None
         when that fits the trained context (the trained base)."""
         if self.model_config.rope.rope_type != "dynamic":
             return None
@@ -133,6 +135,8 @@ class LLMEngine:
         length = min(limit, seq.num_prompt_tokens + (max_tokens or limit) - 1)
         if isinstance(self.policy, StreamingPolicy):
             length = min(length, self.policy.sinks + self.policy.window)
+        elif isinstance(self.policy, H2OPolicy) and self.policy.cache_positions:
+            length = min(length, self.policy.budget)
         return length if length > self.model_config.max_position_embeddings else None
 
     def validate_prompt(self, ids: list[int]) -> None:

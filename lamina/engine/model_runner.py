@@ -57,6 +57,10 @@ class ModelRunner:
             )
         elif isinstance(self.policy, H2OPolicy):
             meta.h2o, meta.slot_mapping = self._h2o_layout(batch)
+            if self.policy.cache_positions:  # each new token at its rank among the kept ones
+                positions = []
+                for kept, n in zip(meta.h2o.slots, batch.num_new_tokens):
+                    positions.extend(range(len(kept) - n, len(kept)))
         rope = [s.rope_len or 0 for s in batch.seqs]
         if any(rope):  # dynamic NTK past the trained context: the base of each token's sequence
             meta.rope_seq_lens = rope
@@ -70,7 +74,7 @@ class ModelRunner:
         """Give the new tokens slots (holes first) and list every sequence's kept tokens."""
         assert isinstance(self.policy, H2OPolicy)
         slots: list[int] = []
-        info = H2OAttention([], [], [])
+        info = H2OAttention([], [], [], cache_positions=self.policy.cache_positions)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             assert seq.h2o is not None
             start = seq.num_computed_tokens

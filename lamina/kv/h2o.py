@@ -9,6 +9,11 @@ fills, so the request never holds more than budget + one step's tokens. Scores a
 heads, queries and layers, because one slot layout is shared by every layer (the paper keeps a
 separate set per head; this is the standard shared-budget simplification).
 
+With `cache_positions`, keys are cached un-rotated and every token is rotated at its rank among
+the request's kept tokens (queries included), the StreamingLLM recipe applied to H2O's kept
+set: relative distances shrink as tokens are evicted, but no position ever exceeds budget + one
+step, so a request can outgrow the trained context. The causal mask still uses true positions.
+
 Prefix caching is off for such requests (blocks with holes are not a prefix), and forks
 (n > 1, beams) are refused.
 """
@@ -43,6 +48,8 @@ class H2OPolicy:
     heavy: int
     recent: int
     block_size: int
+    # rotate by rank among the kept tokens (keys cached un-rotated, rotated when read)
+    cache_positions: bool = False
 
     @property
     def budget(self) -> int:

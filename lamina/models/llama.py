@@ -52,11 +52,11 @@ class LlamaAttention(nn.Module):
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         cos, sin = self.rotary.cos_sin(positions, qkv.dtype, meta.rope_lens)
-        if meta.streaming is None:  # q and k heads rotated in one pass: half the ops
+        if not meta.keys_rotated_on_read:  # q and k heads rotated in one pass: half the ops
             q, k = apply_rotary(qk, cos, sin, self.rotary.rotary_dim).split(
                 [self.num_heads, self.num_kv_heads], dim=1
             )
-        else:  # StreamingLLM: keys are cached un-rotated and rotated when read
+        else:  # StreamingLLM / H2O by rank: keys are cached un-rotated and rotated when read
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             q = apply_rotary(q, cos, sin, self.rotary.rotary_dim)
         k = k.contiguous()
