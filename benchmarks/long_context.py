@@ -523,7 +523,7 @@ def plot(res: dict[str, Any], curves: dict[str, dict[str, list[float]]], path: P
         "recompute": ("tab:orange", (0, (1, 1))),
         "streamingllm": ("tab:blue", "-"),
         "h2o": ("tab:green", "-"),
-        "h2o-ranks": ("tab:olive", "-."),
+        "h2o-ranks": ("tab:pink", "-."),
         "int8-kv": ("tab:gray", ":"),
     }
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
