@@ -49,7 +49,10 @@ def test_slot_mapping_and_block_table_layout():
     assert meta.slot_mapping.tolist() == [20, 21, 22, 29]
     assert meta.block_tables.tolist() == [[5, 0], [2, 7]]
     assert meta.decode_ids == [1] and meta.prefill_ids == [0]
-    assert meta.decode_mask is not None and meta.decode_mask.sum().item() == 6
+    assert meta.decode_buckets is not None and len(meta.decode_buckets) == 1
+    group = meta.decode_buckets[0]
+    assert group.rows.tolist() == [3] and group.mask.sum().item() == 6
+    assert group.block_tables.tolist() == [[2, 7]]
 
 
 @pytest.mark.slow

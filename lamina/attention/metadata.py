@@ -31,6 +31,56 @@ class H2OAttention:
     cache_positions: bool = False  # keys cached un-rotated, rotated at their rank when read
 
 
+# A decode bucket's longest context is at most this many times its shortest (plus a block): the
+# batched decode pads every context to its bucket's longest, so mixed lengths are split into a
+# few buckets instead of all being padded to the longest of the batch.
+DECODE_BUCKET_SPAN = 2.0
+
+
+@dataclass
+class DecodeBucket:
+    """Decode sequences of similar context length, attended in one padded, masked call."""
+
+    rows: torch.Tensor  # [g] their query rows in the flat batch
+    block_tables: torch.Tensor  # [g, nblocks] covering the bucket's longest context
+    mask: torch.Tensor  # [g, 1, 1, nblocks * block_size] bool, True where a key is visible
+    all_rows: bool = False  # the bucket is every row of the batch, in order
+
+
+def decode_buckets(
+    rows: list[int],
+    contexts: list[int],
+    tables: torch.Tensor,
+    block_size: int,
+    num_tokens: int,
+    device: torch.device | str,
+) -> list[DecodeBucket]:
+    """Split decode sequences (their rows, context lengths and padded block tables) into buckets
+    by context length, shortest first (see DECODE_BUCKET_SPAN)."""
+    order = sorted(range(len(rows)), key=lambda j: contexts[j])
+    spans: list[list[int]] = []
+    for j in order:
+        if not spans or contexts[j] > DECODE_BUCKET_SPAN * contexts[spans[-1][0]] + block_size:
+            spans.append([])
+        spans[-1].append(j)
+    buckets = []
+    for members in spans:
+        ctx = torch.tensor([contexts[j] for j in members], device=device)
+        width = max(contexts[j] for j in members)
+        nblocks = -(-width // block_size)
+        keys = torch.arange(nblocks * block_size, device=device)
+        picked = [rows[j] for j in members]
+        buckets.append(
+            DecodeBucket(
+                rows=torch.tensor(picked, device=device),
+                block_tables=tables[members][:, :nblocks],
+                mask=(keys[None, :] < ctx[:, None])[:, None, None, :],
+                all_rows=picked == list(range(num_tokens)),
+            )
+        )
+    return buckets
+
+
 @dataclass
 class AttentionMetadata:
     """Per-step layout of the flat token batch.
@@ -50,10 +100,8 @@ class AttentionMetadata:
     # Indices (into the batch) of decode sequences (query_len == 1) and of the others.
     decode_ids: list[int]
     prefill_ids: list[int]
-    # For the batched decode path: [n_decode, 1, 1, max_ctx] bool, True where a key is visible.
-    decode_mask: torch.Tensor | None = None
-    decode_block_tables: torch.Tensor | None = None
-    decode_max_ctx: int = 0
+    # For the batched decode path: decode sequences bucketed by context length.
+    decode_buckets: list[DecodeBucket] | None = None
     streaming: StreamingWindow | None = None
     h2o: H2OAttention | None = None
     # Dynamic NTK: the length whose base each token [T] / each sequence [B] uses (0: trained
@@ -103,11 +151,12 @@ class AttentionMetadata:
             prefill_ids=prefill_ids,
         )
         if decode_ids:
-            ctx = torch.tensor([context_lens[i] for i in decode_ids], device=device)
-            max_ctx = int(ctx.max())
-            nblocks = -(-max_ctx // block_size)
-            meta.decode_max_ctx = max_ctx
-            meta.decode_block_tables = meta.block_tables[decode_ids][:, :nblocks]
-            keys = torch.arange(max_ctx, device=device)
-            meta.decode_mask = (keys[None, :] < ctx[:, None])[:, None, None, :]
+            meta.decode_buckets = decode_buckets(
+                [starts[i] for i in decode_ids],
+                [context_lens[i] for i in decode_ids],
+                meta.block_tables[decode_ids],
+                block_size,
+                pos,
+                device,
+            )
         return meta

@@ -79,33 +79,29 @@ def _decode(
     groups: int,
     out: torch.Tensor,
 ) -> None:
-    """All single-token queries at once over their gathered, padded and masked contexts.
+    """Single-token queries, a bucket of similar context lengths at a time (metadata.py), over
+    their gathered, padded and masked contexts.
 
     Whole blocks are gathered with one index_select (block-sized contiguous rows). The query
     heads that share a KV head are laid out as that head's "query positions", so no KV head is
     ever repeated: each decode query sees every key of its sequence, so no causal mask is needed
-    within a group.
+    among the query heads of one KV head.
     """
-    assert meta.decode_block_tables is not None and meta.decode_mask is not None
-    rows = [meta.query_starts[i] for i in meta.decode_ids]
-    idx = torch.tensor(rows, device=q.device) if len(rows) != q.shape[0] else None
-    qd = q if idx is None else q[idx]
-    tables = meta.decode_block_tables
-    batch, nblocks = tables.shape
-    kd, vd = cache.gather(tables.reshape(-1))
-    length = nblocks * cache.block_size
-    kd = kd.view(batch, length, *kd.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
-    vd = vd.view(batch, length, *vd.shape[1:]).transpose(1, 2)
-    qg = rearrange(qd, "b (h g) d -> b h g d", g=groups)
-    mask = meta.decode_mask[..., :length]
-    if mask.shape[-1] < length:  # blocks beyond the longest context stay masked
-        mask = torch.nn.functional.pad(mask, (0, length - mask.shape[-1]), value=False)
-    od = F.scaled_dot_product_attention(qg, kd, vd, attn_mask=mask, scale=scale)
-    od = rearrange(od, "b h g d -> b (h g) d")
-    if idx is None:
-        out.copy_(od)
-    else:
-        out[idx] = od
+    assert meta.decode_buckets is not None
+    for bucket in meta.decode_buckets:
+        qd = q if bucket.all_rows else q[bucket.rows]
+        batch, nblocks = bucket.block_tables.shape
+        kd, vd = cache.gather(bucket.block_tables.reshape(-1))
+        length = nblocks * cache.block_size
+        kd = kd.view(batch, length, *kd.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
+        vd = vd.view(batch, length, *vd.shape[1:]).transpose(1, 2)
+        qg = rearrange(qd, "b (h g) d -> b h g d", g=groups)
+        od = F.scaled_dot_product_attention(qg, kd, vd, attn_mask=bucket.mask, scale=scale)
+        od = rearrange(od, "b h g d -> b (h g) d")
+        if bucket.all_rows:
+            out.copy_(od)
+        else:
+            out[bucket.rows] = od
 
 
 def _streaming(
