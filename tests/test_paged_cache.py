@@ -60,3 +60,30 @@ def test_smollm2_block_sizes(smollm2_path):
     prompts = [[504, 3575, 282, 4649, 314], list(range(100, 180))]
     results = {bs: _generate(smollm2_path, bs, prompts, max_model_len=512) for bs in (1, 16, 256)}
     assert results[1] == results[16] == results[256]
+
+
+def test_decode_buckets_group_similar_context_lengths():
+    """Decode sequences are attended in buckets whose longest context is at most
+    DECODE_BUCKET_SPAN times the shortest (plus a block), shortest first."""
+    import torch
+
+    from lamina.attention.metadata import DECODE_BUCKET_SPAN, AttentionMetadata
+
+    contexts = [5, 100, 7, 60, 12, 9]
+    tables = [list(range(10 * i, 10 * i + -(-c // 4))) for i, c in enumerate(contexts)]
+    meta = AttentionMetadata.build([1] * 6, contexts, tables, block_size=4)
+    buckets = meta.decode_buckets
+    assert buckets is not None
+    members = [[contexts[r] for r in b.rows.tolist()] for b in buckets]
+    assert members == [[5, 7, 9, 12], [60, 100]]
+    for b, ctx in zip(buckets, members):
+        assert max(ctx) <= DECODE_BUCKET_SPAN * min(ctx) + 4
+        assert b.mask.shape[-1] == -(-max(ctx) // 4) * 4
+        assert b.mask.sum(dim=-1).flatten().tolist() == ctx
+        for row, table in zip(b.rows.tolist(), b.block_tables.tolist()):
+            want = tables[row][: len(table)]
+            assert table[: len(want)] == want
+    assert not any(b.all_rows for b in buckets)
+    same = AttentionMetadata.build([1, 1], [8, 8], [[1, 2], [3, 4]], block_size=4)
+    assert len(same.decode_buckets) == 1 and same.decode_buckets[0].all_rows
+    assert torch.equal(same.decode_buckets[0].rows, torch.tensor([0, 1]))
