@@ -95,9 +95,11 @@ def _decode(
         length = nblocks * cache.block_size
         kd = kd.view(batch, length, *kd.shape[1:]).transpose(1, 2)  # [B, Hkv, L, D]
         vd = vd.view(batch, length, *vd.shape[1:]).transpose(1, 2)
-        qg = rearrange(qd, "b (h g) d -> b h g d", g=groups)
+        # "b (h g) d -> b h g d" and back, as plain views: einops' per-call overhead is
+        # measurable at 30 layers per decode step
+        qg = qd.view(batch, -1, groups, qd.shape[-1])
         od = F.scaled_dot_product_attention(qg, kd, vd, attn_mask=bucket.mask, scale=scale)
-        od = rearrange(od, "b h g d -> b (h g) d")
+        od = od.reshape(batch, -1, od.shape[-1])
         if bucket.all_rows:
             out.copy_(od)
         else:
