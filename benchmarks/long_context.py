@@ -49,10 +49,8 @@ from typing import Any
 
 import torch
 
-from lamina import LLM, SamplingParams
+from lamina import LLM
 from lamina.config import CacheConfig
-from lamina.engine.scheduler import ScheduledBatch
-from lamina.engine.sequence import Sequence
 from lamina.eval.corpus import DEFAULT_TEXTS, load_corpus
 from lamina.kv.cache import bytes_per_block, num_blocks_for
 
@@ -162,13 +160,10 @@ def build_llm(
 
 
 def nll_pass(llm: LLM, ids: list[int], chunk: int, quiet: bool = False) -> dict[str, Any]:
-    """Feed `ids` through the engine in chunks (as `prompt_logits` does) and return the NLL of
-    every prediction (position p predicts token p + 1), the KV high-water mark in blocks after
-    each chunk, and the pass's wall time."""
+    """Feed `ids` through the engine in chunks (`LLMEngine.prompt_chunks`, as `prompt_logits`
+    does) and return the NLL of every prediction (position p predicts token p + 1), the KV
+    high-water mark in blocks after each chunk, and the pass's wall time."""
     engine = llm.engine
-    engine.validate_prompt(ids)
-    seq = Sequence("__long_context__", list(ids), SamplingParams(max_tokens=1))
-    engine.start_sequence(seq)
     bm = engine.block_manager
     bm.peak_used_blocks = 0
     tokens = torch.tensor(ids, dtype=torch.int64)
@@ -176,43 +171,28 @@ def nll_pass(llm: LLM, ids: list[int], chunk: int, quiet: bool = False) -> dict[
     chunk_ends: list[int] = []
     chunk_peaks: list[int] = []
     t0 = time.perf_counter()
-    try:
-        while seq.num_computed_tokens < seq.num_tokens:
-            start = seq.num_computed_tokens
-            n = min(chunk, seq.num_tokens - start)
-            engine.scheduler.evict_for_step(seq)
-            target = engine.scheduler.blocks_target(seq, n)
-            if not bm.can_grow(seq.block_table, target):
-                raise RuntimeError(
-                    f"not enough free KV blocks at token {start}: the table needs "
-                    f"{target} tokens, {bm.num_free_blocks} blocks free"
-                )
-            bm.grow(seq.block_table, target)
-            hidden, _ = engine.runner.forward(ScheduledBatch([seq], [n]))
-            m = min(n, len(ids) - 1 - start)  # rows whose next token exists
-            if m > 0:
-                with torch.inference_mode():
-                    logits = engine.runner.logits(hidden, list(range(m)))
-                    logprobs = torch.log_softmax(logits.float(), dim=-1)
-                    picked = logprobs.gather(1, tokens[start + 1 : start + 1 + m, None])
-                    nll[start : start + m] = -picked.squeeze(1).double()
-                del logits, logprobs
-            seq.num_computed_tokens += n
-            engine._evict_heavy_hitters(seq)
-            chunk_ends.append(seq.num_computed_tokens)
-            chunk_peaks.append(bm.peak_used_blocks)
-            done = seq.num_computed_tokens
-            elapsed = time.perf_counter() - t0
-            if not quiet and (done % (8 * chunk) == 0 or done == seq.num_tokens):
-                running = math.exp(float(nll[: done - 1].mean())) if done > 1 else float("nan")
-                print(
-                    f"    {done:>6}/{len(ids)} tokens  {elapsed:7.1f} s  "
-                    f"{done / elapsed:6.1f} tok/s  ppl so far {running:.3f}  "
-                    f"peak KV blocks {bm.peak_used_blocks}",
-                    flush=True,
-                )
-    finally:
-        bm.release(seq.block_table)
+    for start, hidden in engine.prompt_chunks(ids, chunk):
+        n = hidden.shape[0]
+        m = min(n, len(ids) - 1 - start)  # rows whose next token exists
+        if m > 0:
+            with torch.inference_mode():
+                logits = engine.runner.logits(hidden, list(range(m)))
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                picked = logprobs.gather(1, tokens[start + 1 : start + 1 + m, None])
+                nll[start : start + m] = -picked.squeeze(1).double()
+            del logits, logprobs
+        done = start + n
+        chunk_ends.append(done)
+        chunk_peaks.append(bm.peak_used_blocks)
+        elapsed = time.perf_counter() - t0
+        if not quiet and (done % (8 * chunk) == 0 or done == len(ids)):
+            running = math.exp(float(nll[: done - 1].mean())) if done > 1 else float("nan")
+            print(
+                f"    {done:>6}/{len(ids)} tokens  {elapsed:7.1f} s  "
+                f"{done / elapsed:6.1f} tok/s  ppl so far {running:.3f}  "
+                f"peak KV blocks {bm.peak_used_blocks}",
+                flush=True,
+            )
     seconds = time.perf_counter() - t0
     bm.check_all_free()
     return {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -174,27 +174,43 @@ class LLMEngine:
         cache like any prefill (blocks are taken and returned at once). With `chunk_size`, the
         prompt is fed in chunks, each attending to the cache the earlier ones left: what a
         quantized or windowed (StreamingLLM) cache actually gives."""
+        return torch.cat(
+            [
+                self.runner.logits(hidden, list(range(hidden.shape[0])))
+                for _, hidden in self.prompt_chunks(token_ids, chunk_size)
+            ]
+        )
+
+    def prompt_chunks(
+        self, token_ids: list[int], chunk_size: int | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Feed a prompt through the paged cache alone, `chunk_size` tokens per forward (all
+        at once by default), with the retention policy evicting between chunks; yields each
+        chunk's first position and hidden states [n, hidden]. Its blocks are returned when the
+        iteration ends (or is abandoned)."""
         self.validate_prompt(token_ids)
-        seq = Sequence("__prompt_logits__", list(token_ids), SamplingParams(max_tokens=1))
+        seq = Sequence("__prompt__", list(token_ids), SamplingParams(max_tokens=1))
         self.start_sequence(seq)
         step = chunk_size or seq.num_tokens
         bm = self.block_manager
-        out = []
         try:
             while seq.num_computed_tokens < seq.num_tokens:
-                n = min(step, seq.num_tokens - seq.num_computed_tokens)
+                start = seq.num_computed_tokens
+                n = min(step, seq.num_tokens - start)
                 self.scheduler.evict_for_step(seq)
                 target = self.scheduler.blocks_target(seq, n)
                 if not bm.can_grow(seq.block_table, target):
-                    raise RuntimeError("not enough free KV blocks to score this prompt now")
+                    raise RuntimeError(
+                        f"not enough free KV blocks to score this prompt now (at token {start}: "
+                        f"the table needs {target} tokens, {bm.num_free_blocks} blocks free)"
+                    )
                 bm.grow(seq.block_table, target)
                 hidden, _ = self.runner.forward(ScheduledBatch([seq], [n]))
-                out.append(self.runner.logits(hidden, list(range(n))))
                 seq.num_computed_tokens += n
                 self._evict_heavy_hitters(seq)
+                yield start, hidden
         finally:
             bm.release(seq.block_table)
-        return torch.cat(out)
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
