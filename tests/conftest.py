@@ -162,3 +162,23 @@ def tiny_model_factory(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+def assert_retention_equals_dense(folder: Path, prompt: list[int], chunk_size: int, **policy):
+    """A KV retention policy (StreamingLLM / H2O keyword arguments of `LLM`) whose budget covers
+    the whole request must give the dense engine's result: the same 30 greedy tokens, and the
+    same prompt logits when the prompt is fed `chunk_size` tokens at a time."""
+    from lamina import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    dense = LLM(str(folder), dtype="float32", block_size=8)
+    kept = LLM(str(folder), dtype="float32", block_size=8, max_num_batched_tokens=16, **policy)
+    a = dense.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    b = kept.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    torch.testing.assert_close(
+        kept.engine.prompt_logits(prompt, chunk_size=chunk_size),
+        dense.engine.prompt_logits(prompt),
+        atol=1e-4,
+        rtol=0,
+    )

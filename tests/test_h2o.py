@@ -6,6 +6,7 @@ import torch
 
 from lamina import LLM, SamplingParams
 from lamina.kv.h2o import H2OPolicy, H2OState
+from tests.conftest import assert_retention_equals_dense
 
 PROMPT = [(11 * i) % 250 + 3 for i in range(40)]
 
@@ -26,25 +27,7 @@ def test_evict_keeps_recent_and_heavy_hitters():
 
 def test_budget_covering_everything_equals_dense(tiny_model_factory):
     folder, _ = tiny_model_factory("llama_gqa")
-    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    dense = LLM(str(folder), dtype="float32", block_size=8)
-    h2o = LLM(
-        str(folder),
-        dtype="float32",
-        block_size=8,
-        h2o_heavy=64,
-        h2o_recent=64,
-        max_num_batched_tokens=16,
-    )
-    a = dense.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
-    b = h2o.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
-    assert a.outputs[0].token_ids == b.outputs[0].token_ids
-    torch.testing.assert_close(
-        h2o.engine.prompt_logits(PROMPT, chunk_size=9),
-        dense.engine.prompt_logits(PROMPT),
-        atol=1e-4,
-        rtol=0,
-    )
+    assert_retention_equals_dense(folder, PROMPT, 9, h2o_heavy=64, h2o_recent=64)
 
 
 def test_scores_accumulate_attention_mass(tiny_model_factory):
@@ -90,26 +73,9 @@ def test_cache_positions_with_a_covering_budget_equals_dense(tiny_model_factory)
     """Nothing evicted: every rank is the true position, so rank-positioned H2O (keys cached
     un-rotated, rotated when read) gives the dense result."""
     folder, _ = tiny_model_factory("llama_gqa")
-    common = {"dtype": "float32", "block_size": 8}
-    dense = LLM(str(folder), **common)
-    h2o = LLM(
-        str(folder),
-        h2o_heavy=64,
-        h2o_recent=64,
-        h2o_cache_positions=True,
-        max_num_batched_tokens=16,
-        **common,
+    assert_retention_equals_dense(
+        folder, PROMPT, 9, h2o_heavy=64, h2o_recent=64, h2o_cache_positions=True
     )
-    torch.testing.assert_close(
-        h2o.engine.prompt_logits(PROMPT, chunk_size=9),
-        dense.engine.prompt_logits(PROMPT),
-        atol=1e-4,
-        rtol=0,
-    )
-    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    a = dense.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
-    b = h2o.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
-    assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
 def test_cache_positions_stay_within_the_budget(tiny_model_factory):

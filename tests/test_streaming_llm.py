@@ -13,31 +13,14 @@ from lamina.attention.torch_backend import paged_attention
 from lamina.config import ModelConfig
 from lamina.kv.cache import KVCache
 from lamina.layers.rotary import RotaryEmbedding
+from tests.conftest import assert_retention_equals_dense
 
 PROMPT = [(7 * i) % 250 + 3 for i in range(40)]
 
 
 def test_window_covering_everything_equals_dense(tiny_model_factory):
     folder, _ = tiny_model_factory("llama_gqa")
-    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    dense = LLM(str(folder), dtype="float32", block_size=8)
-    stream = LLM(
-        str(folder),
-        dtype="float32",
-        block_size=8,
-        attention_sinks=4,
-        sliding_window=128,
-        max_num_batched_tokens=16,
-    )
-    a = dense.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
-    b = stream.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
-    assert a.outputs[0].token_ids == b.outputs[0].token_ids
-    torch.testing.assert_close(
-        stream.engine.prompt_logits(PROMPT, chunk_size=7),
-        dense.engine.prompt_logits(PROMPT),
-        atol=1e-4,
-        rtol=0,
-    )
+    assert_retention_equals_dense(folder, PROMPT, 7, attention_sinks=4, sliding_window=128)
 
 
 def test_blocks_leaving_the_window_are_freed(tiny_model_factory):
