@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from lamina.config import CacheConfig, SchedulerConfig
-from lamina.engine.beam_search import BeamSearchOutput, beam_search
+from lamina.engine.beam_search import BeamSearchOutput, BeamSearchSequence
 from lamina.engine.llm_engine import LLMEngine
+from lamina.engine_config import EngineConfig, resolve_max_model_len
 from lamina.kv.cache import num_blocks_for
 from lamina.loading.loader import load_model
 from lamina.outputs import RequestOutput
@@ -29,87 +28,36 @@ PromptType = str | list[int] | dict[str, Any]
 class LLM:
     """Load a model and generate from batches of prompts through the continuous-batching engine.
 
-    model: a Hugging Face folder, a .gguf file, or None for the default SmolLM2 GGUF.
-    dtype: "auto" (bfloat16 where the CPU has native bf16 kernels, else float32), "float32",
-        "bfloat16" or "float16".
-    block_size / num_kv_blocks / kv_cache_bytes: paged KV cache geometry and budget.
-    attention_sinks / sliding_window: StreamingLLM, keep the first S and the last W tokens of
-        each request in the cache (blocks leaving the window are freed): bounded memory per
-        request, unbounded length. max_model_len then defaults to 1M tokens.
-    h2o_heavy / h2o_recent: H2O eviction, a per-request budget of the most recent tokens plus
-        the heavy hitters (largest accumulated attention); off by default.
-        h2o_cache_positions: rotate kept tokens at their rank among the kept ones (keys cached
-        un-rotated, as StreamingLLM) instead of their true positions, so a request can
-        outgrow the trained context.
-    kv_cache_dtype: "auto" (the model dtype) or "int8" (per-token-per-head scales: ~3.8x the
-        tokens of a float32 cache in the same bytes).
-    rope_scaling: override the checkpoint's RoPE scheme, e.g. {"rope_type": "yarn", "factor": 4};
-        the default max_model_len then grows by the factor.
-    enable_prefix_caching: share cached KV blocks between requests with a common prefix.
-    pack_weights: on CPU, keep float linears in oneDNN's packed layout (1.4-4x faster GEMMs at
-        decode batch sizes; lamina/layers/linear.py). The model's `Linear.weight` then stays
-        empty until `unpack()`.
-    max_model_len: longest sequence (prompt + output); defaults to the model's trained context,
-        or to what the KV cache holds if that is less.
-    quantization: None (GGUF weights dequantized to `dtype`) or "gguf" (GGUF Q8_0 / Q4_0 /
-        Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K decoder linears run natively on the int4 kernel, about
-        a sixth of their float32 memory; other types stay float; a quantized token embedding
-        is kept as the file's rows and dequantized per looked-up token).
+    `LLM(model, **kwargs)`: model is a Hugging Face folder, a .gguf file, None for the default
+    SmolLM2 GGUF, or a whole `EngineConfig` (kwargs then override its fields). The keyword
+    arguments are exactly `EngineConfig`'s fields (lamina/engine_config.py), whose help texts
+    document them and are the `lamina run --help` flags:
+    dtype; block_size / num_kv_blocks / kv_cache_bytes (paged KV cache geometry and budget);
+    max_model_len (default: the trained context, or what the cache holds if less);
+    max_num_seqs / max_num_batched_tokens (batching); enable_prefix_caching; rope_scaling
+    (e.g. {"rope_type": "yarn", "factor": 4}); kv_cache_dtype ("auto" or "int8");
+    attention_sinks / sliding_window (StreamingLLM) or h2o_heavy / h2o_recent /
+    h2o_cache_positions (H2O); quantization (None or "gguf"); pack_weights; attention_backend.
+    An unknown keyword raises a TypeError listing the accepted ones. The validated settings are
+    kept as `self.config`.
     """
 
-    def __init__(
-        self,
-        model: str | Path | None = None,
-        dtype: str | torch.dtype = "auto",
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_bytes: int = 1 << 30,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        enable_prefix_caching: bool = True,
-        rope_scaling: str | dict[str, Any] | None = None,
-        kv_cache_dtype: str = "auto",
-        attention_sinks: int = 0,
-        sliding_window: int | None = None,
-        h2o_heavy: int | None = None,
-        h2o_recent: int | None = None,
-        h2o_cache_positions: bool = False,
-        quantization: str | None = None,
-        pack_weights: bool = True,
-    ) -> None:
-        loaded = load_model(model, dtype, rope_scaling, quantization)
-        cache = CacheConfig(
-            block_size=block_size,
-            num_blocks=num_kv_blocks,
-            kv_cache_bytes=kv_cache_bytes,
-            kv_cache_dtype=kv_cache_dtype,
-            attention_sinks=attention_sinks,
-            sliding_window=sliding_window,
-            h2o_heavy=h2o_heavy,
-            h2o_recent=h2o_recent,
-            h2o_cache_positions=h2o_cache_positions,
-        )
-        rope = loaded.config.rope
-        trained = loaded.config.max_position_embeddings
-        if rope_scaling is not None and rope.rope_type != "default":
-            trained = int(trained * rope.factor)  # the extended context the user asked for
-        max_len = max_model_len or min(
-            trained,
-            num_blocks_for(loaded.config, cache, loaded.model.dtype) * block_size,
-        )
-        if (sliding_window is not None or h2o_heavy is not None) and max_model_len is None:
-            max_len = 1 << 20  # length is no longer bounded by the cache
+    def __init__(self, model: str | Path | EngineConfig | None = None, **kwargs: Any) -> None:
+        if isinstance(model, EngineConfig):
+            config = model.replace(**kwargs)
+        else:
+            config = EngineConfig.from_kwargs(model=model, **kwargs)
+        self.config = config
+        loaded = load_model(config.model, config.dtype, config.rope_scaling, config.quantization)
+        cache = config.cache_config()
+        cache_tokens = num_blocks_for(loaded.config, cache, loaded.model.dtype) * cache.block_size
+        max_len = resolve_max_model_len(config, loaded.config, cache_tokens)
         self.engine = LLMEngine(
             loaded,
             cache,
-            SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max(max_num_batched_tokens, 1),
-                max_model_len=max_len,
-            ),
-            enable_prefix_caching=enable_prefix_caching,
-            pack_weights=pack_weights,
+            config.scheduler_config(max_len),
+            enable_prefix_caching=config.enable_prefix_caching,
+            pack_weights=config.pack_weights,
         )
         self.tokenizer = loaded.tokenizer
         self._ids = itertools.count()
@@ -170,17 +118,42 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)  # type: ignore[arg-type]
 
     def beam_search(
-        self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams | None = None
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams | None = None,
+        use_tqdm: bool = False,
     ) -> list[BeamSearchOutput]:
         """Beam search (transformers' `num_beams` semantics) for each prompt; each output lists
-        its finished beams best first. Runs on the engine's cache, one prompt at a time."""
+        its finished beams best first. All prompts are searched at once, each a request in the
+        engine's continuous batch."""
         params = params or BeamSearchParams()
-        outs = []
-        for prompt in _prompt_list(prompts):
-            p = _prompt_input(prompt)
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else p
-            outs.append(beam_search(self.engine, ids, params))
-        return outs
+        order: list[str] = []
+        try:
+            for prompt in _prompt_list(prompts):
+                rid = str(next(self._ids))
+                self.engine.add_beam_request(rid, _prompt_input(prompt), params)
+                order.append(rid)
+            outs = self._run(order, use_tqdm)
+        except BaseException:
+            for rid in order:
+                self.engine.abort(rid)
+            raise
+        return [
+            BeamSearchOutput(
+                out.prompt_token_ids,
+                [
+                    BeamSearchSequence(
+                        c.token_ids,
+                        c.cumulative_logprob or 0.0,
+                        (c.cumulative_logprob or 0.0) / len(c.token_ids) ** params.length_penalty,
+                        c.text,
+                        c.finish_reason or "length",
+                    )
+                    for c in out.outputs
+                ],
+            )
+            for out in outs
+        ]
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

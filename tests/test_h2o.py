@@ -39,8 +39,10 @@ def test_scores_accumulate_attention_mass(tiny_model_factory):
     seq = engine.requests["r"].seqs[0]
     cfg = engine.model_config
     total = 10 * cfg.num_attention_heads * cfg.num_hidden_layers
-    assert abs(float(seq.h2o.scores.sum()) - total) < 1e-3
-    assert float(seq.h2o.scores[0]) > float(seq.h2o.scores[-1])  # early tokens seen by all
+    assert abs(float(seq.kv_state.scores.sum()) - total) < 1e-3
+    assert float(seq.kv_state.scores[0]) > float(
+        seq.kv_state.scores[-1]
+    )  # early tokens seen by all
     engine.abort("r")
     engine.block_manager.check_all_free()
 
@@ -63,9 +65,9 @@ def test_memory_per_request_is_bounded(tiny_model_factory):
         engine.step()
         peak = max(peak, engine.block_manager.num_used_blocks)
         if "a" in engine.requests:
-            kept = max(kept, len(engine.requests["a"].seqs[0].h2o.slots))
+            kept = max(kept, len(engine.requests["a"].seqs[0].kv_state.slots))
     assert kept <= 24 + 16  # budget + one step's tokens before eviction
-    assert peak <= engine.policy.blocks_needed(16)
+    assert peak <= engine.policy.max_blocks_per_request(engine.scheduler_config.max_model_len, 16)
     engine.block_manager.check_all_free()
 
 

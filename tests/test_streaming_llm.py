@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from lamina import LLM, SamplingParams
-from lamina.attention.metadata import AttentionMetadata, StreamingWindow
+from lamina.attention.metadata import AttentionMetadata
 from lamina.attention.torch_backend import paged_attention
 from lamina.config import ModelConfig
 from lamina.kv.cache import KVCache
+from lamina.kv.streaming import StreamingWindow
 from lamina.layers.rotary import RotaryEmbedding
 from tests.conftest import assert_retention_equals_dense
 
@@ -41,7 +42,7 @@ def test_blocks_leaving_the_window_are_freed(tiny_model_factory):
     while engine.has_unfinished_requests():
         engine.step()
         peak = max(peak, engine.block_manager.num_used_blocks)
-    bound = 2 * engine.policy.blocks_needed(16)
+    bound = 2 * engine.policy.max_blocks_per_request(engine.scheduler_config.max_model_len, 16)
     assert peak <= bound  # two requests of 300+ tokens in at most ~2 x (1 + 5 + 2) blocks
     engine.block_manager.check_all_free()
 
@@ -76,7 +77,7 @@ def test_streaming_attention_matches_naive_reference():
     # decode the token at logical 21 (cache index 13): its K/V were written above
     q = torch.randn(1, 4, 8)
     meta = AttentionMetadata.build([1], [live_len], [table], bs)
-    meta.streaming = StreamingWindow(sinks, window, bs, [evicted])
+    meta.retention = StreamingWindow(sinks, window, bs, [evicted])
     out = paged_attention(q, keys[-1:], values[-1:], layer, meta, 8**-0.5, rotary)
     # reference: visible = logical < 2 or logical > 21 - 6; keys rotated at cache index
     logical = [c if c < bs else c + evicted for c in range(live_len)]

@@ -6,30 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class StreamingWindow:
-    """StreamingLLM attention: keys are stored un-rotated; each sequence sees its first `sinks`
-    tokens and its last `window` tokens. A live cache index c maps to logical position
-    c + offsets[i] once past `sink_limit` (the sink blocks), c itself before."""
-
-    sinks: int
-    window: int
-    sink_limit: int
-    offsets: list[int]
-
-
-@dataclass
-class H2OAttention:
-    """H2O attention, per sequence: the kept slots (new tokens included, in order), their
-    logical positions, and the accumulated attention each kept token has received, which the
-    backend adds to in place."""
-
-    slots: list[torch.Tensor]
-    positions: list[torch.Tensor]
-    scores: list[torch.Tensor]
-    cache_positions: bool = False  # keys cached un-rotated, rotated at their rank when read
-
+from lamina.kv.retention import RetentionAttention
 
 # A decode bucket's longest context is at most this many times its shortest (plus a block): the
 # batched decode pads every context to its bucket's longest, so mixed lengths are split into a
@@ -102,8 +79,12 @@ class AttentionMetadata:
     prefill_ids: list[int]
     # For the batched decode path: decode sequences bucketed by context length.
     decode_buckets: list[DecodeBucket] | None = None
-    streaming: StreamingWindow | None = None
-    h2o: H2OAttention | None = None
+    # What a retention policy adds (StreamingLLM's window, H2O's kept slots), or None (dense).
+    retention: RetentionAttention | None = None
+    # Per sequence, a [query_len, query_len] bool mask among its new tokens (True: may attend)
+    # replacing the causal mask among them, for verifying a tree of proposed tokens in one
+    # pass; every cached token stays visible. None (or a None entry): causal.
+    tree_masks: list[torch.Tensor | None] | None = None
     # Dynamic NTK: the length whose base each token [T] / each sequence [B] uses (0: trained
     # base); None when every sequence uses the trained base.
     rope_lens: torch.Tensor | None = None
@@ -112,7 +93,7 @@ class AttentionMetadata:
     @property
     def keys_rotated_on_read(self) -> bool:
         """Keys are cached un-rotated (positions are cache ranks that shift on eviction)."""
-        return self.streaming is not None or (self.h2o is not None and self.h2o.cache_positions)
+        return self.retention is not None and self.retention.keys_rotated_on_read
 
     @property
     def num_seqs(self) -> int:
@@ -125,23 +106,26 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str = "cpu",
-        slots_from_tables: bool = True,
+        slot_mapping: torch.Tensor | None = None,
     ) -> AttentionMetadata:
-        """Derive slot mapping, padded block tables and the decode mask from per-sequence facts."""
+        """Derive slot mapping (unless given: the tables' next slots), padded block tables and
+        the decode buckets from per-sequence facts."""
         slots: list[int] = []
         starts: list[int] = []
         pos = 0
         for qlen, ctx, table in zip(query_lens, context_lens, block_tables):
             starts.append(pos)
             pos += qlen
-            for p in range(ctx - qlen, ctx) if slots_from_tables else ():
+            for p in range(ctx - qlen, ctx) if slot_mapping is None else ():
                 slots.append(table[p // block_size] * block_size + p % block_size)
         width = max((len(t) for t in block_tables), default=1) or 1
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         decode_ids = [i for i, q in enumerate(query_lens) if q == 1]
         prefill_ids = [i for i, q in enumerate(query_lens) if q != 1]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device)
+            if slot_mapping is None
+            else slot_mapping.to(device),
             block_tables=torch.tensor(padded, dtype=torch.int64, device=device),
             query_lens=query_lens,
             context_lens=context_lens,

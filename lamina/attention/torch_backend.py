@@ -5,7 +5,10 @@ Writes each new token's K/V into its slot, then:
   the block tables into a padded [B, max_ctx] view and masked;
 - a prefill (or prefill chunk) with no earlier context uses SDPA with a causal mask on the fresh
   K/V directly; a chunk that continues cached context gathers that context and uses a causal
-  mask offset by the number of cached tokens.
+  mask offset by the number of cached tokens; a sequence with a tree mask takes that path with
+  the tree mask among its new tokens instead of the causal one;
+- under a retention policy, each sequence is attended on its own by the function registered
+  for the policy's attention kind (StreamingLLM's sinks + window, H2O's kept slots).
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from lamina.attention.metadata import AttentionMetadata, H2OAttention, StreamingWindow
+from lamina.attention.base import AttentionBackend
+from lamina.attention.metadata import AttentionMetadata
 from lamina.kv.cache import LayerCache
+from lamina.kv.h2o import H2OAttention
+from lamina.kv.streaming import StreamingWindow
 from lamina.layers.rotary import RotaryEmbedding, apply_rotary
 
 
@@ -39,14 +45,10 @@ def paged_attention(
     cache.write(k, v, meta.slot_mapping)
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
-    if meta.h2o is not None:
+    if meta.retention is not None:
+        per_sequence = _RETENTION_ATTENTION[type(meta.retention)]
         for i in range(meta.num_seqs):
-            _h2o(q, cache, meta, meta.h2o, i, scale, groups, out, rotary)
-        return out
-    if meta.streaming is not None:
-        assert rotary is not None, "StreamingLLM rotates keys on read"
-        for i in range(meta.num_seqs):
-            _streaming(q, cache, meta, meta.streaming, i, scale, groups, rotary, out)
+            per_sequence(q, cache, meta, meta.retention, i, scale, groups, out, rotary)
         return out
     if meta.decode_ids:
         _decode(q, cache, meta, scale, groups, out)
@@ -62,6 +64,9 @@ def paged_attention(
             ki, vi = ki[:ctx], vi[:ctx]
             qpos = torch.arange(ctx - qlen, ctx, device=q.device)
             mask = (torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None])[None, None]
+        tree = meta.tree_masks[i] if meta.tree_masks is not None else None
+        if tree is not None:
+            mask = _tree_mask(tree, ctx, qlen, q.device)
         ki = expand_kv_heads(rearrange(ki, "t h d -> 1 h t d"), groups)
         vi = expand_kv_heads(rearrange(vi, "t h d -> 1 h t d"), groups)
         oi = F.scaled_dot_product_attention(
@@ -69,6 +74,13 @@ def paged_attention(
         )
         out[start : start + qlen] = rearrange(oi, "1 h t d -> t h d")
     return out
+
+
+def _tree_mask(tree: torch.Tensor, ctx: int, qlen: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, qlen, ctx]: every cached token visible, the tree mask among the new ones."""
+    mask = torch.ones(qlen, ctx, dtype=torch.bool, device=device)
+    mask[:, ctx - qlen :] = tree.to(device=device, dtype=torch.bool)
+    return mask[None, None]
 
 
 def _decode(
@@ -114,11 +126,12 @@ def _streaming(
     i: int,
     scale: float,
     groups: int,
-    rotary: RotaryEmbedding,
     out: torch.Tensor,
+    rotary: RotaryEmbedding | None,
 ) -> None:
     """One sequence under StreamingLLM: gather its live blocks, rotate the un-rotated keys at
     their cache positions, and mask to sinks + window by logical position."""
+    assert rotary is not None, "StreamingLLM rotates keys on read"
     start, qlen, ctx = meta.query_starts[i], meta.query_lens[i], meta.context_lens[i]
     nblocks = -(-ctx // meta.block_size)
     ki, vi = cache.gather(meta.block_tables[i, :nblocks])
@@ -177,3 +190,26 @@ def _h2o(
     h2o.scores[i].add_(probs.sum(dim=(0, 1, 2)))
     oi = torch.einsum("hgtl,lhd->thgd", probs, vi.float()).to(q.dtype)
     out[start : start + qlen] = rearrange(oi, "t h g d -> t (h g) d")
+
+
+_RETENTION_ATTENTION = {StreamingWindow: _streaming, H2OAttention: _h2o}
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """The plain-PyTorch reference: gathers K/V through the block tables, then SDPA."""
+
+    name = "torch"
+    supported_retention = tuple(_RETENTION_ATTENTION)
+    priority = 0
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: LayerCache,
+        meta: AttentionMetadata,
+        scale: float,
+        rotary: RotaryEmbedding | None = None,
+    ) -> torch.Tensor:
+        return paged_attention(q, k, v, cache, meta, scale, rotary)

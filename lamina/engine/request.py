@@ -1,10 +1,20 @@
-"""A request: one prompt, its samples (n / best_of), their text, and its output shape."""
+"""A request: one prompt, its sequences (n / best_of samples, or live beams), their text, and its
+output shape.
+
+Its `kind` says what the engine does with the logits of its sequences (see
+engine/output_processor.py): "sample" draws tokens, "beam" runs a beam search, "score" hands
+every prompt position's hidden state to a consumer and generates nothing.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
+from lamina.engine.beam_search import BeamGroup
 from lamina.engine.sequence import Sequence
 from lamina.loading.detokenizer import IncrementalDetokenizer
 from lamina.loading.tokenizer import Tokenizer
@@ -26,6 +36,11 @@ class Request:
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)  # when each step added a token
     forked: bool = False  # whether best_of > 1 samples have been split off yet
+    kind: str = "sample"
+    beam: BeamGroup | None = None  # kind "beam": the search's state
+    # kind "score": receives (first position, hidden states [n, hidden]) of each fed chunk
+    on_hidden: Callable[[int, torch.Tensor], None] | None = None
+    num_scored: int = 0  # kind "score": prompt positions handed over so far
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:
@@ -58,6 +73,8 @@ class Request:
         return entry
 
     def output(self) -> RequestOutput:
+        if self.beam is not None:
+            return self._beam_output()
         seqs = self.seqs
         n = self.params.n
         if self.finished and len(seqs) > n:  # best_of: keep the n most likely samples
@@ -82,4 +99,22 @@ class Request:
             finished=self.finished,
             prompt_logprobs=self.prompt_logprobs,
             num_cached_tokens=seqs[0].num_cached_tokens,
+        )
+
+    def _beam_output(self) -> RequestOutput:
+        """The finished beams, best first (empty until the search ends)."""
+        assert self.beam is not None
+        done = self.finished
+        outs = [
+            CompletionOutput(
+                index=i,
+                text=self.tokenizer.decode(b.token_ids) if done else "",
+                token_ids=list(b.token_ids),
+                cumulative_logprob=b.cumulative_logprob,
+                finish_reason=b.finish_reason,
+            )
+            for i, b in enumerate(self.beam.finished if done else [])
+        ]
+        return RequestOutput(
+            self.request_id, self.prompt, self.prompt_token_ids, outs, finished=done
         )

@@ -7,6 +7,10 @@ whatever full blocks of its prefix are already cached and skips their prefill. W
 runs out of blocks, the most recently admitted running sequence is preempted: its blocks are
 released and it returns to the front of the queue keeping its generated tokens, which are
 recomputed together with the prompt when it resumes (often from the prefix cache).
+
+What a sequence keeps in the cache is the retention policy's business (kv/retention.py): the
+scheduler asks it how many tokens the block table must hold, where a position lives in the
+table, and lets it evict before a step and after one.
 """
 
 from __future__ import annotations
@@ -17,14 +21,19 @@ from dataclasses import dataclass, field
 from lamina.config import SchedulerConfig
 from lamina.engine.sequence import Sequence, SequenceStatus
 from lamina.kv.block_manager import BlockManager
-from lamina.kv.h2o import H2OPolicy
-from lamina.kv.policies import StreamingPolicy
+from lamina.kv.retention import RetentionPolicy
 
 
 @dataclass
-class ScheduledBatch:
-    """Sequences to run this step, how many new tokens each feeds, and block copies
-    (copy-on-write of shared blocks) to make before the forward pass."""
+class SchedulerOutput:
+    """One step's work: the sequences to run, how many new tokens each feeds, and block copies
+    (copy-on-write of shared blocks) to make before the forward pass.
+
+    A sequence may feed any number of tokens: a prefill chunk, its one newest token, or (for
+    speculative verification) its newest token plus proposed ones. The sequences of one
+    request (n > 1 samples, a beam group) are separate entries; what their logits become is
+    decided per request by the output processor.
+    """
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
@@ -41,17 +50,21 @@ class ScheduledBatch:
 @dataclass
 class SchedulerStats:
     num_preemptions: int = 0
+    prompt_tokens_computed: int = 0  # prefill actually run (cached prefixes excluded)
     prefix_cache_queries: int = 0  # prompt tokens looked up
     prefix_cache_hits: int = 0  # of those, found cached
 
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, blocks: BlockManager, policy: StreamingPolicy | None = None
+        self,
+        config: SchedulerConfig,
+        blocks: BlockManager,
+        policy: RetentionPolicy | None = None,
     ) -> None:
         self.config = config
         self.blocks = blocks
-        self.policy = policy
+        self.policy = policy or RetentionPolicy(blocks.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = SchedulerStats()
@@ -80,43 +93,38 @@ class Scheduler:
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
         seq.num_evicted_blocks = 0
-        if seq.h2o is not None:
-            seq.h2o.reset()
+        self.policy.reset(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
-    def _live(self, seq: Sequence, position: int) -> int:
-        """A logical token count or position as an index into the sequence's live blocks."""
-        return position - seq.evicted_tokens(self.blocks.block_size)
+    def evict_for_step(self, seq: Sequence) -> None:
+        """Let the retention policy drop what the next step no longer sees."""
+        self.policy.before_step(seq, self.blocks)
 
     def blocks_target(self, seq: Sequence, n: int) -> int:
         """Tokens the block table must hold to feed `n` more tokens."""
-        if isinstance(self.policy, H2OPolicy):
-            assert seq.h2o is not None
-            return self.policy.live_tokens_after(seq.h2o, n)
-        return self._live(seq, seq.num_computed_tokens + n)
+        return self.policy.table_tokens(seq, n)
 
-    def evict_for_step(self, seq: Sequence) -> None:
-        """Let a block-level retention policy (StreamingLLM) drop what the next step no longer
-        sees."""
-        if isinstance(self.policy, StreamingPolicy):
-            self.policy.evict(seq, self.blocks, seq.num_computed_tokens)
+    def chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens `seq` feeds next within `budget` (its own cap, if any, too)."""
+        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        return n if seq.max_chunk is None else min(n, seq.max_chunk)
 
     def _needs_copy(self, seq: Sequence) -> bool:
-        idx = self._live(seq, seq.num_computed_tokens) // self.blocks.block_size
+        idx = self.policy.live_index(seq, seq.num_computed_tokens) // self.blocks.block_size
         table = seq.block_table
         return idx < len(table) and self.blocks.ref_counts[table[idx]] > 1
 
-    def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
+    def schedule(self) -> SchedulerOutput:
+        batch = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self.chunk(seq, budget)
             if n <= 0:
                 continue
             self.evict_for_step(seq)
@@ -129,7 +137,7 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:
                 break
             copy = self.blocks.copy_on_write(
-                seq.block_table, self._live(seq, seq.num_computed_tokens)
+                seq.block_table, self.policy.live_index(seq, seq.num_computed_tokens)
             )
             if copy is not None:
                 batch.copies.append(copy)
@@ -141,7 +149,7 @@ class Scheduler:
             if not seq.block_table:
                 self._reuse_cached_prefix(seq)
                 self.evict_for_step(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self.chunk(seq, budget)
             target = self.blocks_target(seq, n)
             if not self.blocks.can_grow(seq.block_table, target):
                 self.blocks.release(seq.block_table)  # give back any prefix blocks taken
@@ -157,10 +165,36 @@ class Scheduler:
             budget -= n
         return batch
 
+    def advance(self, batch: SchedulerOutput) -> list[Sequence]:
+        """After the forward pass: mark the fed tokens computed, index blocks that are now
+        full for prefix caching, let the retention policy evict, and return the sequences
+        whose every token is computed (their last row's logits decide what comes next)."""
+        complete = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens += n
+            self.stats.prompt_tokens_computed += max(
+                0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - before
+            )
+            self.blocks.register_full_blocks(
+                seq.block_table,
+                seq.block_hashes,
+                seq.token_ids,
+                seq.num_computed_tokens,
+                self.policy.pinned_blocks,
+                seq.num_evicted_blocks,
+                seq.rope_len,
+            )
+            self.policy.after_step(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                complete.append(seq)
+        return complete
+
     def _reuse_cached_prefix(self, seq: Sequence) -> None:
         """Take the cached full blocks of the sequence's prefix, keeping at least one token to
-        compute (its logits are needed). Prompt-logprob requests compute everything."""
-        if seq.sampling_params.prompt_logprobs is not None:
+        compute (its logits are needed). Requests that read every prompt position (prompt
+        logprobs, scoring) compute everything."""
+        if seq.sampling_params.prompt_logprobs is not None or seq.reads_every_position:
             return
         max_blocks = (seq.num_tokens - 1) // self.blocks.block_size
         blocks, hashes = self.blocks.match_prefix(seq.token_ids, max_blocks, seq.rope_len)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from lamina.kv.h2o import H2OState
 from lamina.outputs import SampleLogprobs
 from lamina.sampling_params import SamplingParams
 
@@ -50,7 +50,10 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache saved
     num_evicted_blocks: int = 0  # blocks dropped from the front by a retention policy
-    h2o: H2OState | None = None  # kept-token bookkeeping under H2O eviction
+    kv_state: Any = None  # the retention policy's per-sequence bookkeeping (kv/retention.py)
+    max_chunk: int | None = None  # most tokens fed in one step (prompt scoring in chunks)
+    reads_every_position: bool = False  # prompt scoring: no position may come from the cache
+    beam_logprobs: torch.Tensor | None = None  # a beam's next-token logprobs, until its step
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -86,10 +89,6 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.num_computed_tokens < self.num_tokens - 1
 
-    def evicted_tokens(self, block_size: int) -> int:
-        """Logical positions minus this = index in the (compacted) live cache."""
-        return self.num_evicted_blocks * block_size
-
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)
@@ -111,6 +110,7 @@ class Sequence:
             block_hashes=list(self.block_hashes),
             num_computed_tokens=self.num_computed_tokens,
             num_cached_tokens=self.num_cached_tokens,
+            num_evicted_blocks=self.num_evicted_blocks,
             status=self.status,
             text=self.text,
             cumulative_logprob=self.cumulative_logprob,

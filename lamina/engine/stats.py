@@ -4,11 +4,8 @@ benchmarks and the server's /metrics."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from lamina.engine.llm_engine import LLMEngine
-    from lamina.engine.scheduler import ScheduledBatch
+from lamina.engine.scheduler import Scheduler, SchedulerOutput
 
 
 @dataclass
@@ -49,10 +46,17 @@ class EngineStats:
         return self.prefix_cache_hits / q if q else 0.0
 
     def record_step(
-        self, engine: LLMEngine, batch: ScheduledBatch, seconds: float, forward_seconds: float
+        self,
+        sched: Scheduler,
+        generation_tokens: int,
+        batch: SchedulerOutput,
+        seconds: float,
+        forward_seconds: float,
     ) -> None:
-        sched = engine.scheduler
+        """Fold one step into the counters (the scheduler's are cumulative: copied)."""
         self.num_steps += 1
+        self.generation_tokens = generation_tokens
+        self.prompt_tokens_computed = sched.stats.prompt_tokens_computed
         self.step_seconds += seconds
         self.forward_seconds += forward_seconds
         self.prefix_cache_queries = sched.stats.prefix_cache_queries
@@ -65,8 +69,8 @@ class EngineStats:
             num_batched_tokens=sum(batch.num_new_tokens),
             num_prefill_seqs=len(batch) - decodes,
             num_decode_seqs=decodes,
-            kv_blocks_used=engine.block_manager.num_used_blocks,
-            kv_blocks_free=engine.block_manager.num_free_blocks,
+            kv_blocks_used=sched.blocks.num_used_blocks,
+            kv_blocks_free=sched.blocks.num_free_blocks,
             step_seconds=seconds,
             forward_seconds=forward_seconds,
         )

@@ -20,9 +20,21 @@ Prefix caching is off for such requests (blocks with holes are not a prefix), an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+from lamina.kv.retention import (
+    RetentionAttention,
+    RetentionPolicy,
+    SequenceKV,
+    StepLayout,
+)
+
+if TYPE_CHECKING:
+    from lamina.config import CacheConfig
 
 
 @dataclass
@@ -43,21 +55,91 @@ class H2OState:
         self.fresh_used = 0
 
 
-@dataclass(frozen=True)
-class H2OPolicy:
-    heavy: int
-    recent: int
-    block_size: int
-    # rotate by rank among the kept tokens (keys cached un-rotated, rotated when read)
-    cache_positions: bool = False
+@dataclass
+class H2OAttention(RetentionAttention):
+    """H2O attention, per sequence: the kept slots (new tokens included, in order), their
+    logical positions, and the accumulated attention each kept token has received, which the
+    backend adds to in place."""
+
+    slots: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    scores: list[torch.Tensor]
+    cache_positions: bool = False  # keys cached un-rotated, rotated at their rank when read
+
+    @property
+    def keys_rotated_on_read(self) -> bool:
+        return self.cache_positions
+
+
+class H2OPolicy(RetentionPolicy):
+    name = "h2o"
+    allows_prefix_caching = False  # blocks with holes are no reusable prefix
+    allows_forks = False  # kept sets are per sequence: a fork would need a copy of each
+    allows_beam_search = False
+    attention_kind = H2OAttention
+
+    def __init__(
+        self, heavy: int, recent: int, block_size: int, cache_positions: bool = False
+    ) -> None:
+        super().__init__(block_size)
+        self.heavy = heavy
+        self.recent = recent
+        # rotate by rank among the kept tokens (keys cached un-rotated, rotated when read)
+        self.cache_positions = cache_positions
+
+    @classmethod
+    def from_config(cls, cache: CacheConfig) -> H2OPolicy | None:
+        if cache.h2o_heavy is None or cache.h2o_recent is None:
+            return None
+        return cls(cache.h2o_heavy, cache.h2o_recent, cache.block_size, cache.h2o_cache_positions)
 
     @property
     def budget(self) -> int:
         return self.heavy + self.recent
 
-    def blocks_needed(self, max_num_batched_tokens: int) -> int:
-        """Blocks one request can hold at most: the budget plus one step's tokens."""
-        return -(-(self.budget + max_num_batched_tokens) // self.block_size) + 1
+    @property
+    def keys_rotated_on_read(self) -> bool:
+        return self.cache_positions
+
+    def max_blocks_per_request(self, max_model_len: int, step_tokens: int) -> int:
+        """The budget plus one step's tokens (or less, for short contexts)."""
+        bound = -(-(self.budget + step_tokens) // self.block_size) + 1
+        return min(bound, super().max_blocks_per_request(max_model_len, step_tokens))
+
+    def max_positions(self) -> int | None:
+        return self.budget if self.cache_positions else None
+
+    def start(self, seq: SequenceKV) -> None:
+        seq.kv_state = H2OState()
+
+    def reset(self, seq: SequenceKV) -> None:
+        seq.kv_state.reset()
+
+    def after_step(self, seq: SequenceKV) -> None:
+        self.evict(seq.kv_state)
+
+    def table_tokens(self, seq: SequenceKV, n: int) -> int:
+        return self.live_tokens_after(seq.kv_state, n)
+
+    def layout(self, seqs: Sequence[SequenceKV], num_new: Sequence[int]) -> StepLayout:
+        """Give the new tokens slots (holes first) and list every sequence's kept tokens;
+        with cache positions each new token is rotated at its rank among the kept ones."""
+        slots: list[int] = []
+        positions: list[int] = []
+        info = H2OAttention([], [], [], cache_positions=self.cache_positions)
+        for seq, n in zip(seqs, num_new):
+            state: H2OState = seq.kv_state
+            start = seq.num_computed_tokens
+            slots += self.assign(state, seq.block_table, range(start, start + n))
+            kept = len(state.slots)
+            positions.extend(
+                range(kept - n, kept) if self.cache_positions else range(start, start + n)
+            )
+            info.slots.append(torch.tensor(state.slots))
+            info.positions.append(torch.tensor(state.positions))
+            info.scores.append(state.scores)
+        context_lens = [len(s) for s in info.slots]
+        return StepLayout(positions, context_lens, torch.tensor(slots, dtype=torch.int64), info)
 
     def live_tokens_after(self, state: H2OState, n: int) -> int:
         """Fresh slots the table must hold once `n` more tokens are written."""

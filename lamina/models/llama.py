@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from lamina.attention.base import AttentionBackend
 from lamina.attention.metadata import AttentionMetadata
-from lamina.attention.torch_backend import paged_attention
+from lamina.attention.torch_backend import TorchAttentionBackend
 from lamina.config import ModelConfig
 from lamina.kv.cache import LayerCache
 from lamina.layers.activation import silu_and_mul
@@ -39,6 +40,8 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = Linear(self.q_size, config.hidden_size, False, dtype)
         self.rotary = rotary
+        # the engine installs the backend it selected (LlamaForCausalLM.set_attention_backend)
+        self.backend: AttentionBackend = TorchAttentionBackend()
 
     def forward(
         self,
@@ -60,7 +63,7 @@ class LlamaAttention(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             q = apply_rotary(q, cos, sin, self.rotary.rotary_dim)
         k = k.contiguous()
-        out = paged_attention(q, k, v.contiguous(), kv, meta, self.scale, self.rotary)
+        out = self.backend.forward(q, k, v.contiguous(), kv, meta, self.scale, self.rotary)
         return self.o_proj(out.view(-1, self.q_size))
 
 
@@ -150,6 +153,15 @@ class LlamaForCausalLM(nn.Module):
         # a compact exact lookup for a tied embedding (GGUF rows), which lets pack_weights drop
         # the dense table once it serves as the packed head
         self.embed_lookup: nn.Module | None = None
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        """Make every layer attend through `backend` (chosen by the engine at start)."""
+        for layer in self.layers:
+            layer.self_attn.backend = backend
+
+    @property
+    def attention_backend(self) -> AttentionBackend:
+        return self.layers[0].self_attn.backend
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

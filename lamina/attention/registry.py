@@ -1,0 +1,52 @@
+"""Attention backends by name; `select_attention_backend` is what the engine calls at start."""
+
+from __future__ import annotations
+
+import torch
+
+from lamina.attention.base import AttentionBackend
+from lamina.attention.torch_backend import TorchAttentionBackend
+from lamina.kv.retention import RetentionAttention
+
+_BACKENDS: dict[str, type[AttentionBackend]] = {}
+
+
+def register_attention_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+    """Class decorator: make a backend selectable by its `name` (and by "auto")."""
+    _BACKENDS[cls.name] = cls
+    return cls
+
+
+def registered_attention_backends() -> dict[str, type[AttentionBackend]]:
+    return dict(_BACKENDS)
+
+
+def select_attention_backend(
+    name: str = "auto",
+    device: torch.device | str = "cpu",
+    retention: type[RetentionAttention] | None = None,
+) -> AttentionBackend:
+    """An instance of the backend called `name`, or for "auto" the highest-priority backend
+    available on `device` that runs the retention policy's attention kind."""
+    device = torch.device(device)
+    if name == "auto":
+        fits = [
+            cls for cls in _BACKENDS.values() if cls.available(device) and cls.supports(retention)
+        ]
+        if not fits:
+            raise ValueError(f"no attention backend runs on {device} with this retention policy")
+        return max(fits, key=lambda c: c.priority)()
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {name!r}; accepted: auto, {', '.join(sorted(_BACKENDS))}"
+        )
+    cls = _BACKENDS[name]
+    if not cls.available(device):
+        raise ValueError(f"attention backend {name!r} is not available on {device}")
+    if not cls.supports(retention):
+        kind = retention.__name__ if retention else "dense"
+        raise ValueError(f"attention backend {name!r} does not implement {kind} attention")
+    return cls()
+
+
+register_attention_backend(TorchAttentionBackend)
