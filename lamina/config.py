@@ -225,18 +225,30 @@ class CacheConfig:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
         if self.attention_sinks and self.sliding_window is None:
-            raise ValueError("attention_sinks needs sliding_window (StreamingLLM keeps both)")
+            raise ValueError(
+                f"attention_sinks={self.attention_sinks} needs sliding_window (StreamingLLM "
+                "keeps both); got sliding_window=None"
+            )
         if (self.h2o_heavy is None) != (self.h2o_recent is None):
-            raise ValueError("H2O needs both h2o_heavy and h2o_recent (token counts)")
+            raise ValueError(
+                "H2O needs both h2o_heavy and h2o_recent (token counts); got "
+                f"h2o_heavy={self.h2o_heavy}, h2o_recent={self.h2o_recent}"
+            )
         if self.h2o_heavy is not None and (self.h2o_heavy < 0 or self.h2o_recent < 1):
             raise ValueError(
                 f"h2o_heavy must be >= 0 and h2o_recent >= 1, got {self.h2o_heavy}, "
                 f"{self.h2o_recent}"
             )
         if self.h2o_cache_positions and self.h2o_heavy is None:
-            raise ValueError("h2o_cache_positions needs H2O (h2o_heavy and h2o_recent)")
+            raise ValueError(
+                "h2o_cache_positions needs H2O (h2o_heavy and h2o_recent); got "
+                "h2o_cache_positions=True without them"
+            )
         if self.h2o_heavy is not None and self.sliding_window is not None:
-            raise ValueError("choose one KV retention policy: StreamingLLM or H2O, not both")
+            raise ValueError(
+                "choose one KV retention policy: StreamingLLM (sliding_window="
+                f"{self.sliding_window}) or H2O (h2o_heavy={self.h2o_heavy}), not both"
+            )
 
     @property
     def h2o(self) -> bool:

