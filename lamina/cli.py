@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lamina.engine_args import add_engine_args, engine_kwargs
+from lamina.engine_config import EngineConfig
 from lamina.sampling_params import SamplingParams
 
 
@@ -35,8 +35,9 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
     from lamina.llm import LLM
 
+    config = EngineConfig.from_cli_args(args)  # bad flags fail before the spinner
     with Console(stderr=True).status("Loading model…", spinner="dots"):
-        return LLM(**engine_kwargs(args))
+        return LLM(config)
 
 
 def _stream(llm, prompt: str | list[int], params: SamplingParams) -> tuple[str, object]:  # noqa: ANN001
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lamina", description="LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="complete one prompt, streaming to the terminal")
-    add_engine_args(p)
+    EngineConfig.add_cli_args(p)
     _add_sampling_args(p, default_temperature=0.0)
     p.add_argument(
         "--chat-template",
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("chat", help="interactive multi-turn chat")
-    add_engine_args(p)
+    EngineConfig.add_cli_args(p)
     _add_sampling_args(p, default_temperature=0.7)
     p.add_argument("--system", default=None, help="system message")
     p.set_defaults(func=cmd_chat)

