@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lamina.engine.beam_search import BeamSearchOutput, beam_search
+from lamina.engine.beam_search import BeamSearchOutput, BeamSearchSequence
 from lamina.engine.llm_engine import LLMEngine
 from lamina.engine_config import EngineConfig, resolve_max_model_len
 from lamina.kv.cache import num_blocks_for
@@ -58,6 +58,7 @@ class LLM:
             config.scheduler_config(max_len),
             enable_prefix_caching=config.enable_prefix_caching,
             pack_weights=config.pack_weights,
+            attention_backend=config.attention_backend,
         )
         self.tokenizer = loaded.tokenizer
         self._ids = itertools.count()
@@ -118,17 +119,42 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)  # type: ignore[arg-type]
 
     def beam_search(
-        self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams | None = None
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams | None = None,
+        use_tqdm: bool = False,
     ) -> list[BeamSearchOutput]:
         """Beam search (transformers' `num_beams` semantics) for each prompt; each output lists
-        its finished beams best first. Runs on the engine's cache, one prompt at a time."""
+        its finished beams best first. All prompts are searched at once, each a request in the
+        engine's continuous batch."""
         params = params or BeamSearchParams()
-        outs = []
-        for prompt in _prompt_list(prompts):
-            p = _prompt_input(prompt)
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else p
-            outs.append(beam_search(self.engine, ids, params))
-        return outs
+        order: list[str] = []
+        try:
+            for prompt in _prompt_list(prompts):
+                rid = str(next(self._ids))
+                self.engine.add_beam_request(rid, _prompt_input(prompt), params)
+                order.append(rid)
+            outs = self._run(order, use_tqdm)
+        except BaseException:
+            for rid in order:
+                self.engine.abort(rid)
+            raise
+        return [
+            BeamSearchOutput(
+                out.prompt_token_ids,
+                [
+                    BeamSearchSequence(
+                        c.token_ids,
+                        c.cumulative_logprob or 0.0,
+                        (c.cumulative_logprob or 0.0) / len(c.token_ids) ** params.length_penalty,
+                        c.text,
+                        c.finish_reason or "length",
+                    )
+                    for c in out.outputs
+                ],
+            )
+            for out in outs
+        ]
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
