@@ -234,7 +234,11 @@ class CacheConfig:
                 "H2O needs both h2o_heavy and h2o_recent (token counts); got "
                 f"h2o_heavy={self.h2o_heavy}, h2o_recent={self.h2o_recent}"
             )
-        if self.h2o_heavy is not None and (self.h2o_heavy < 0 or self.h2o_recent < 1):
+        if (
+            self.h2o_heavy is not None
+            and self.h2o_recent is not None
+            and (self.h2o_heavy < 0 or self.h2o_recent < 1)
+        ):
             raise ValueError(
                 f"h2o_heavy must be >= 0 and h2o_recent >= 1, got {self.h2o_heavy}, "
                 f"{self.h2o_recent}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -245,7 +244,7 @@ def resolve_max_model_len(config: EngineConfig, model: ModelConfig, cache_tokens
 
 
 # ---- field checks -------------------------------------------------------------------------------
-def _check_field(f: dataclasses.Field, value: Any) -> None:
+def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
     """The checks a field's metadata and default imply: booleans are bools, `min` fields are
     integers at least that large, `choices` fields one of their choices (or a None default)."""
     meta = f.metadata
@@ -296,7 +295,6 @@ def _check_rope_scaling(spec: Any) -> None:
 
 
 # ---- argparse -----------------------------------------------------------------------------------
-@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -306,7 +304,7 @@ def _cli_type(hint: Any) -> type:
     return int if int in (typing.get_args(hint) or (hint,)) else str
 
 
-def _add_flag(parser: Any, f: dataclasses.Field, hint: Any) -> None:
+def _add_flag(parser: Any, f: dataclasses.Field[Any], hint: Any) -> None:
     meta = f.metadata
     kebab = "--" + f.name.replace("_", "-")
     if isinstance(f.default, bool):

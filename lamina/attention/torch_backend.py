@@ -13,6 +13,8 @@ Writes each new token's K/V into its slot, then:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -21,6 +23,7 @@ from lamina.attention.base import AttentionBackend
 from lamina.attention.metadata import AttentionMetadata
 from lamina.kv.cache import LayerCache
 from lamina.kv.h2o import H2OAttention
+from lamina.kv.retention import RetentionAttention
 from lamina.kv.streaming import StreamingWindow
 from lamina.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -192,7 +195,10 @@ def _h2o(
     out[start : start + qlen] = rearrange(oi, "t h g d -> t (h g) d")
 
 
-_RETENTION_ATTENTION = {StreamingWindow: _streaming, H2OAttention: _h2o}
+_RETENTION_ATTENTION: dict[type[RetentionAttention], Callable[..., None]] = {
+    StreamingWindow: _streaming,
+    H2OAttention: _h2o,
+}
 
 
 class TorchAttentionBackend(AttentionBackend):

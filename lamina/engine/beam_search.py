@@ -105,4 +105,4 @@ class BeamGroup:
         else:
             length = self.gen_len
         best_possible = max(self.scores) / length**params.length_penalty
-        return best_possible > self.finished[-1].score
+        return bool(best_possible > self.finished[-1].score)

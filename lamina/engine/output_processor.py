@@ -187,7 +187,7 @@ class OutputProcessor:
         detok = req.detokenizers[seq.seq_id]
         new_text = detok.add(token)
         # (the sampler never picks EOS / stop ids before min_tokens)
-        if token in params.stop_token_ids:
+        if token in (params.stop_token_ids or ()):
             seq.finish("stop", token)
         elif token in self.eos_token_ids and not params.ignore_eos:
             seq.finish("stop", None)
