@@ -54,6 +54,7 @@ _TOP_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
+_GGUF_LAYER_NAMES = {hf: name for name, hf in _LAYER_NAMES.items()}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -100,6 +101,12 @@ def hf_name(gguf_name: str) -> str | None:
     stem, _, kind = gguf_name.rpartition(".")
     target = _TOP_NAMES.get(stem)
     return f"{target}.{kind}" if target else None
+
+
+def gguf_name(layer: int, path: str, kind: str = "weight") -> str:
+    """The GGUF name of a decoder layer's tensor given by its Hugging Face module path, e.g.
+    (3, "self_attn.q_proj") -> "blk.3.attn_q.weight" (the inverse of `hf_name`)."""
+    return f"blk.{layer}.{_GGUF_LAYER_NAMES[path]}.{kind}"
 
 
 def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
@@ -156,9 +163,18 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def qk_permuted(config: ModelConfig) -> bool:
-    """Whether llama.cpp stored this architecture's q/k rows permuted (see `unpermute_qk`)."""
-    return config.model_type in ("llama", "mistral")
+def permuted_heads(config: ModelConfig, path: str) -> int | None:
+    """The head count over which llama.cpp permuted the rows of the module at `path` (a Hugging
+    Face module path; q_proj and k_proj of the llama architecture, see `unpermute_qk`), or None
+    when its rows are stored as they are. Float and native quantized loading both ask here, so
+    they undo the same permutation."""
+    if config.model_type not in ("llama", "mistral"):
+        return None
+    if path.endswith("q_proj"):
+        return config.num_attention_heads
+    if path.endswith("k_proj"):
+        return config.num_key_value_heads
+    return None
 
 
 def iter_gguf_tensors(
@@ -169,7 +185,6 @@ def iter_gguf_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, dequantized tensor in `dtype`) one at a time; GGUF names in `skip` (tensors
     already loaded natively, see lamina.quant.gguf_native) are left out undecoded."""
-    permute = qk_permuted(config)
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None or t.name in skip:
@@ -190,10 +205,9 @@ def iter_gguf_tensors(
             arr = arr.astype(np.float32)
         shape = tuple(int(d) for d in reversed(t.shape))
         arr = arr.reshape(shape)
-        if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
-            arr = unpermute_qk(arr, config.num_attention_heads)
-        elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
-            arr = unpermute_qk(arr, config.num_key_value_heads)
+        heads = permuted_heads(config, name.rsplit(".", 1)[0])
+        if heads is not None:
+            arr = unpermute_qk(arr, heads)
         if not arr.flags.writeable:  # a view into the memory-mapped file (F32 tensors)
             arr = arr.copy()
         yield name, torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)

@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from lamina.config import parse_dtype
-from lamina.loading import gguf as gguf_loading
+from lamina.formats import gguf as gguf_format
 from lamina.loading.tokenizer import Tokenizer
 
 
@@ -19,11 +19,11 @@ def convert_gguf_to_hf(src: str | Path, out_dir: str | Path, dtype: str = "float
     if not src.is_file():
         raise FileNotFoundError(f"{src} is not a file; `lamina convert` takes a .gguf file")
     torch_dtype = parse_dtype(dtype)
-    reader = gguf_loading.open_gguf(src)
-    config = gguf_loading.gguf_config(reader)
+    reader = gguf_format.open_gguf(src)
+    config = gguf_format.gguf_config(reader)
     tokenizer = Tokenizer.from_gguf(reader)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = dict(gguf_loading.iter_gguf_tensors(reader, config, torch_dtype))
+    tensors = dict(gguf_format.iter_gguf_tensors(reader, config, torch_dtype))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     del tensors
     hf_config = config.to_hf()

@@ -10,10 +10,15 @@ context as a full decode would.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from lamina.loading.tokenizer import Tokenizer
+
+class Decoder(Protocol):
+    """What streaming needs of a tokenizer: ids -> text. Stated here, so this module depends on
+    no tokenizer class (lamina.loading.tokenizer.Tokenizer satisfies it and builds detokenizers)."""
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
 
 _REPLACEMENT = "\ufffd"
 # How far before the end of the prompt the first window starts (vLLM uses the same value).
@@ -25,7 +30,7 @@ class IncrementalDetokenizer:
 
     def __init__(
         self,
-        tokenizer: Tokenizer,
+        tokenizer: Decoder,
         prompt_ids: Sequence[int] = (),
         skip_special_tokens: bool = True,
     ) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from lamina.config import ModelConfig, parse_dtype
-from lamina.loading import gguf as gguf_loading
-from lamina.loading import hf
+from lamina.formats import gguf as gguf_format
+from lamina.formats import hf
 from lamina.loading.resolve import resolve_model
 from lamina.loading.tokenizer import Tokenizer
 from lamina.models.llama import LlamaForCausalLM
@@ -76,14 +76,14 @@ def load_model(
     else:
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf; pass a .gguf file or a folder")
-        reader = gguf_loading.open_gguf(path)
-        config = _override_rope(gguf_loading.gguf_config(reader), rope_scaling)
+        reader = gguf_format.open_gguf(path)
+        config = _override_rope(gguf_format.gguf_config(reader), rope_scaling)
         tokenizer = Tokenizer.from_gguf(reader)
         net = LlamaForCausalLM(config, torch_dtype)
         if quantization == "gguf":
             load_gguf_native(net, reader, config, torch_dtype)
         else:
-            net.load_weights(gguf_loading.iter_gguf_tensors(reader, config, torch_dtype))
+            net.load_weights(gguf_format.iter_gguf_tensors(reader, config, torch_dtype))
         gen = {}
         del reader
     net.eval()

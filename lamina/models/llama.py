@@ -3,13 +3,14 @@
 Differences between the family members are config switches: GQA/MQA through
 `num_key_value_heads`, Qwen2's q/k/v bias through `attention_bias`, tied embeddings, the RoPE
 scheme. q/k/v and gate/up projections are fused into one matmul each (fewer, larger ops matter
-on a CPU); `load_weights` maps checkpoint names onto the fused parameters.
+on a CPU); `DECODER_LINEARS` declares that stacking (lamina/models/layout.py) and
+`load_weights` maps checkpoint names onto the fused parameters through it.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ from lamina.layers.activation import silu_and_mul
 from lamina.layers.linear import Linear, can_pack, pack_weight, packed_linear
 from lamina.layers.norm import RMSNorm
 from lamina.layers.rotary import RotaryEmbedding, apply_rotary
+from lamina.models.layout import PackedModule, WeightLayout
 
 
 class LlamaAttention(nn.Module):
@@ -116,13 +118,26 @@ def on_row_major_weights(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-# checkpoint projection name -> (fused parameter, shard index)
-_STACKED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
+# The decoder linears, in forward order: the checkpoint matrices each one stacks and their
+# row counts. Loading, pruning, quantization and quantized-checkpoint readers all go by this.
+DECODER_LINEARS = (
+    PackedModule(
+        "self_attn.qkv_proj",
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("q_size", "kv_size", "kv_size"),
+    ),
+    PackedModule("self_attn.o_proj", ("self_attn.o_proj",), ("hidden_size",)),
+    PackedModule(
+        "mlp.gate_up_proj",
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("intermediate_size", "intermediate_size"),
+    ),
+    PackedModule("mlp.down_proj", ("mlp.down_proj",), ("hidden_size",)),
+)
+_TOP_LEVEL = {  # checkpoint name -> parameter path, outside the decoder layers
+    "model.embed_tokens.weight": "embed_tokens",
+    "lm_head.weight": "lm_head",
+    "model.norm.weight": "norm.weight",
 }
 
 
@@ -238,82 +253,76 @@ class LlamaForCausalLM(nn.Module):
                 self.pack_weights()
 
     # ---- loading -------------------------------------------------------------------------
+    @property
+    def layout(self) -> WeightLayout:
+        """The decoder linears' checkpoint parts and rows for this model's config."""
+        return WeightLayout(self.config, DECODER_LINEARS)
+
     def expected_weights(self) -> set[str]:
-        """Checkpoint tensor names (Hugging Face naming) this model needs."""
+        """Checkpoint tensor names (Hugging Face naming) this model needs: a bias for every part
+        of a linear that has one."""
         names = {"model.embed_tokens.weight", "model.norm.weight"}
         if self.lm_head is not None:
             names.add("lm_head.weight")
-        for i in range(self.config.num_hidden_layers):
+        for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            names |= {
-                p + "input_layernorm.weight",
-                p + "post_attention_layernorm.weight",
-                p + "self_attn.o_proj.weight",
-                p + "mlp.down_proj.weight",
-            }
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                names.add(p + f"self_attn.{proj}.weight")
-                if self.config.attention_bias:
-                    names.add(p + f"self_attn.{proj}.bias")
-            for proj in ("gate_proj", "up_proj"):
-                names.add(p + f"mlp.{proj}.weight")
+            names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
+            for m in DECODER_LINEARS:
+                has_bias = getattr(layer.get_submodule(m.fused), "bias", None) is not None
+                kinds = ("weight", "bias") if has_bias else ("weight",)
+                names |= {f"{p}{part}.{kind}" for part in m.parts for kind in kinds}
         return names
 
-    def _target(self, name: str) -> tuple[torch.Tensor, int | None]:
-        """The parameter (and, for fused ones, the row slice) a checkpoint tensor fills."""
-        if name == "model.embed_tokens.weight":
-            return self.embed_tokens, None
-        if name == "lm_head.weight":
-            assert self.lm_head is not None
-            return self.lm_head, None
-        if name == "model.norm.weight":
-            return self.norm.weight, None
-        parts = name.split(".")  # model.layers.{i}.{module}[.{proj}].{weight|bias}
-        layer = self.layers[int(parts[2])]
-        module = parts[3]
-        if module in ("input_layernorm", "post_attention_layernorm"):
-            return getattr(layer, module).weight, None
-        proj, kind = parts[4], parts[5]
-        owner = layer.self_attn if module == "self_attn" else layer.mlp
-        if proj in _STACKED:
-            fused, shard = _STACKED[proj]
-            return getattr(getattr(owner, fused), kind), shard
-        return getattr(getattr(owner, proj), kind), None
+    def _destination(self, name: str) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """The parameter a checkpoint tensor fills and, when it is one part of a fused linear,
+        that part's (start, size) rows in it."""
+        if name in _TOP_LEVEL:
+            return self.get_parameter(_TOP_LEVEL[name]), None
+        _, _, index, path = name.split(".", 3)  # model.layers.{i}.{module path}.{weight|bias}
+        module, kind = path.rsplit(".", 1)
+        layer, layout = self.layers[int(index)], self.layout
+        slot = layout.slot(module)
+        if slot is None:  # a norm
+            return getattr(layer.get_submodule(module), kind), None
+        param = getattr(layer.get_submodule(slot.fused), kind)
+        return param, (slot.start, slot.size) if layout.module(slot.fused).is_packed else None
 
-    def _shard_rows(self, proj: str, shard: int) -> tuple[int, int]:
-        c = self.config
-        if proj in ("q_proj", "k_proj", "v_proj"):
-            sizes = [c.q_size, c.kv_size, c.kv_size]
-        else:
-            sizes = [c.intermediate_size, c.intermediate_size]
-        start = sum(sizes[:shard])
-        return start, sizes[shard]
+    def checkpoint_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, tensor) for every tensor `load_weights` takes, fused linears split
+        back into their parts: its inverse, for writing a Hugging Face checkpoint. Parts are
+        copies (safetensors refuses tensors that share memory); whole parameters are not."""
+        for name in sorted(self.expected_weights()):
+            param, rows = self._destination(name)
+            tensor = param.detach()
+            yield name, tensor if rows is None else tensor.narrow(0, *rows).clone()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        prefilled: Collection[str] = frozenset(),
+    ) -> None:
         """Copy checkpoint tensors in, one at a time, checking names and shapes.
 
+        prefilled: checkpoint names whose values a caller already put in place (linears a
+        quantized-checkpoint reader built from packed codes); they are neither required nor read.
         Raises ValueError naming any missing tensor or wrong shape. Unknown extra tensors (e.g.
         rotary caches some checkpoints carry) are ignored.
         """
-        expected = self.expected_weights()
+        expected = self.expected_weights() - set(prefilled)
         seen: set[str] = set()
         for name, tensor in weights:
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints still store the copy
             if name not in expected:
                 continue
-            param, shard = self._target(name)
-            if shard is None:
-                dst = param
-            else:
-                start, size = self._shard_rows(name.split(".")[4], shard)
-                dst = param.narrow(0, start, size)
+            param, rows = self._destination(name)
+            dst = param if rows is None else param.narrow(0, *rows)
             if tuple(tensor.shape) != tuple(dst.shape):
                 raise ValueError(
                     f"tensor {name} has shape {tuple(tensor.shape)}, the config implies "
                     f"{tuple(dst.shape)}; the checkpoint does not match its config"
                 )
-            if shard is None and tensor.dtype == param.dtype and tensor.is_contiguous():
+            if rows is None and tensor.dtype == param.dtype and tensor.is_contiguous():
                 param.data = tensor  # adopt the loaded tensor: no second write of its pages
             else:
                 with torch.no_grad():

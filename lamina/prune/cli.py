@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lamina.config import ModelConfig
-from lamina.loading import hf
+from lamina.formats import hf
 from lamina.models.llama import LlamaForCausalLM, on_row_major_weights
 from lamina.prune.magnitude import parse_n_m, sparsity_of
 from lamina.prune.wanda import METHODS, PruneConfig
@@ -29,15 +29,7 @@ from lamina.prune.wanda import METHODS, PruneConfig
 def hf_state(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     """The model's tensors under Hugging Face names, fused parameters split back into their
     q/k/v and gate/up rows: exactly the inverse of `LlamaForCausalLM.load_weights`."""
-    out: dict[str, torch.Tensor] = {}
-    for name in sorted(model.expected_weights()):
-        param, shard = model._target(name)
-        if shard is None:
-            out[name] = param.detach().contiguous()
-        else:  # a row slice of a fused parameter; a copy, as safetensors refuses shared memory
-            start, size = model._shard_rows(name.split(".")[4], shard)
-            out[name] = param.detach().narrow(0, start, size).clone()
-    return out
+    return {name: t.contiguous() for name, t in model.checkpoint_weights()}
 
 
 @on_row_major_weights

@@ -22,7 +22,6 @@ from lamina.layers.linear import Linear
 from lamina.models.llama import LlamaForCausalLM
 
 GROUPS = ("row", "layer")
-LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 def parse_n_m(text: str) -> tuple[int, int]:
@@ -98,9 +97,8 @@ def prune_mask(
 def decoder_linears(model: LlamaForCausalLM, layer: int) -> dict[str, Linear]:
     """Module path -> Linear of the four linears of one decoder layer."""
     out = {}
-    for path in LINEAR_NAMES:
-        owner, attr = path.split(".")
-        lin = getattr(getattr(model.layers[layer], owner), attr)
+    for path in model.layout.fused_names:
+        lin = model.layers[layer].get_submodule(path)
         if not isinstance(lin, Linear):
             raise ValueError(f"layers.{layer}.{path} is {type(lin).__name__}, not a float Linear")
         out[f"layers.{layer}.{path}"] = lin
@@ -108,13 +106,9 @@ def decoder_linears(model: LlamaForCausalLM, layer: int) -> dict[str, Linear]:
 
 
 def shard_rows(model: LlamaForCausalLM, path: str) -> list[int]:
-    """Row counts of the Hugging Face matrices a lamina linear holds (q/k/v, gate/up fused)."""
-    c = model.config
-    if path.endswith("qkv_proj"):
-        return [c.q_size, c.kv_size, c.kv_size]
-    if path.endswith("gate_up_proj"):
-        return [c.intermediate_size, c.intermediate_size]
-    return [c.hidden_size]
+    """Row counts of the Hugging Face matrices the linear at `path` ("layers.{i}.{fused}")
+    holds (q/k/v, gate/up fused)."""
+    return model.layout.shard_sizes(path.split(".", 2)[2])
 
 
 @torch.no_grad()

@@ -25,7 +25,6 @@ from lamina.quant.w8a8 import W8A8Linear
 
 METHODS = ("int8", "rtn4", "awq", "smoothquant")
 QUANT_METHOD_TAG = "lamina"  # config.json quantization_config.quant_method
-LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 @dataclass
@@ -83,9 +82,9 @@ def decoder_linears(model: LlamaForCausalLM) -> list[tuple[str, nn.Module, str]]
     """(module path, owner module, attribute) of every decoder linear."""
     out = []
     for i, layer in enumerate(model.layers):
-        for path in LINEAR_NAMES:
-            owner_name, attr = path.split(".")
-            out.append((f"layers.{i}.{path}", getattr(layer, owner_name), attr))
+        for path in model.layout.fused_names:
+            owner_name, attr = path.rsplit(".", 1)
+            out.append((f"layers.{i}.{path}", layer.get_submodule(owner_name), attr))
     return out
 
 

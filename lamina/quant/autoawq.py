@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from lamina.loading import hf
+from lamina.formats import hf
 from lamina.models.llama import LlamaForCausalLM
 from lamina.quant.base import check_shape
-from lamina.quant.gguf_native import FUSED_PARTS, int4_from_codes, load_rest, set_linear
+from lamina.quant.gguf_native import int4_from_codes
 from lamina.quant.int4 import GROUP_SIZES
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of a packed int32 holds column AWQ_ORDER[k]
@@ -148,15 +148,11 @@ def load_autoawq(net: LlamaForCausalLM, folder: str | Path, cfg: AwqConfig) -> d
     with ExitStack() as stack:
         src = _Tensors(folder, stack)
         for i, layer in enumerate(net.layers):
-            for fused, parts in FUSED_PARTS.items():
-                owner, attr = fused.split(".")
-                lin = getattr(getattr(layer, owner), attr)
-                prefixes = [f"model.layers.{i}.{p}" for p in parts]
+            for fused in net.layout.fused_names:
+                lin = layer.get_submodule(fused)
+                prefixes = [f"model.layers.{i}.{p}" for p in net.layout.checkpoint_parts(fused)]
                 quant = [f"{p}.qweight" in src for p in prefixes]
-                sizes = [lin.out_features // len(parts)] * len(parts)
-                if fused == "self_attn.qkv_proj":
-                    c = net.config
-                    sizes = [c.q_size, c.kv_size, c.kv_size]
+                sizes = net.layout.shard_sizes(fused)
                 if not all(quant):
                     to_float += [
                         (p, lin.in_features, n) for p, n, q in zip(prefixes, sizes, quant) if q
@@ -168,7 +164,7 @@ def load_autoawq(net: LlamaForCausalLM, folder: str | Path, cfg: AwqConfig) -> d
                 ]
                 codes, scales, zeros = (torch.cat(x) for x in zip(*pieces))
                 mod = int4_from_codes(codes, scales, zeros, group, lin.bias is not None, net.dtype)
-                set_linear(net, i, fused, mod)
+                layer.set_submodule(fused, mod)
                 native[f"layers.{i}.{fused}"] = "awq"
                 held.update(f"{p}.weight" for p in prefixes)
 
@@ -180,6 +176,6 @@ def load_autoawq(net: LlamaForCausalLM, folder: str | Path, cfg: AwqConfig) -> d
                 w = dequantize_awq(*_checked(src, prefix, in_f, out_f, group), group)
                 yield f"{prefix}.weight", w
 
-        load_rest(net, weights(), held)
+        net.load_weights(weights(), held)
     net.awq_native = native
     return native

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lamina.config import ModelConfig
-from lamina.loading import hf
+from lamina.formats import hf
 from lamina.models.llama import LlamaForCausalLM, on_row_major_weights
 from lamina.quant.apply import QUANT_METHOD_TAG, QuantConfig, decoder_linears, empty_linear
 from lamina.quant.int4 import Int4Linear

@@ -58,17 +58,20 @@ def scale_groups(
     when requested and the model has as many kv heads as heads (see the module docstring)."""
     c = model.config
     mha = c.num_key_value_heads == c.num_attention_heads
+    v_rows = model.layout.slot("self_attn.v_proj")  # in qkv_proj
+    up_rows = model.layout.slot("mlp.up_proj")  # in gate_up_proj
+    assert v_rows is not None and up_rows is not None
     groups: list[ScaleGroup] = []
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}."
         attn, mlp = layer.self_attn, layer.mlp
-        v_start = c.q_size + c.kv_size
         groups.append(
             ScaleGroup(
                 p + "self_attn.qkv_proj",
                 attn.qkv_proj,
                 _fold_norm(layer.input_layernorm.weight),
-                clip_rows=slice(v_start, v_start + c.kv_size),  # AutoAWQ: never clip q, k
+                # AutoAWQ: never clip q, k
+                clip_rows=slice(v_rows.start, v_rows.start + v_rows.size),
             )
         )
         if o_proj and mha:
@@ -76,7 +79,7 @@ def scale_groups(
                 ScaleGroup(
                     p + "self_attn.o_proj",
                     attn.o_proj,
-                    _fold_rows(attn.qkv_proj, v_start, c.kv_size),
+                    _fold_rows(attn.qkv_proj, v_rows.start, v_rows.size),
                 )
             )
         groups.append(
@@ -87,10 +90,11 @@ def scale_groups(
             )
         )
         if down_proj:
-            inter = c.intermediate_size
             groups.append(
                 ScaleGroup(
-                    p + "mlp.down_proj", mlp.down_proj, _fold_rows(mlp.gate_up_proj, inter, inter)
+                    p + "mlp.down_proj",
+                    mlp.down_proj,
+                    _fold_rows(mlp.gate_up_proj, up_rows.start, up_rows.size),
                 )
             )
     return groups

@@ -30,7 +30,6 @@ embedding, also the tied output head, stays float: 57 MB in bfloat16).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import gguf
@@ -40,28 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lamina.config import ModelConfig
-from lamina.loading import gguf as gguf_loading
+from lamina.formats import gguf as gguf_format
 from lamina.models.llama import LlamaForCausalLM
 from lamina.quant.int4 import COMPUTE_DTYPE, Int4Linear
 
 QT = gguf.GGMLQuantizationType
 GROUP = 32
-# fused lamina linear -> its checkpoint parts (rows in this order), llama.cpp names alike
-FUSED_PARTS = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "self_attn.o_proj": ("self_attn.o_proj",),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp.down_proj": ("mlp.down_proj",),
-}
-_GGUF_PART = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 
 
 @dataclass
@@ -220,20 +203,6 @@ def native_linear(codes: BlockCodes, qtype: QT, bias: bool, dtype: torch.dtype) 
     return SplitInt8Linear(inner, bias, dtype)
 
 
-def load_rest(
-    net: LlamaForCausalLM, weights: Iterable[tuple[str, torch.Tensor]], held: set[str]
-) -> None:
-    """`net.load_weights` for a model whose linears holding the weights in `held` (HF names)
-    are already filled by quantized modules: those names are dropped from the missing-tensor
-    check (by shadowing `expected_weights` on this instance for the call)."""
-    full = type(net).expected_weights
-    net.expected_weights = lambda: full(net) - held  # type: ignore[method-assign]
-    try:
-        net.load_weights(weights)
-    finally:
-        del net.expected_weights
-
-
 class GGUFRowTable(nn.Module):
     """An embedding table kept as the GGUF file's quantized rows; a lookup dequantizes only the
     rows asked for, with the same `gguf` function the loader uses for the whole table, so the
@@ -267,11 +236,6 @@ _COMPACT_ROWS = {
 }
 
 
-def set_linear(net: LlamaForCausalLM, layer: int, fused: str, module: nn.Module) -> None:
-    owner, attr = fused.split(".")
-    setattr(getattr(net.layers[layer], owner), attr, module)
-
-
 @torch.no_grad()
 def load_gguf_native(
     net: LlamaForCausalLM, reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtype
@@ -280,14 +244,12 @@ def load_gguf_native(
     type (`NATIVE`) on the int4 kernel; the rest (embedding, output head, norms, biases, other
     types) is dequantized as usual. Returns {module path: GGUF type} of the native linears."""
     tensors = {t.name: t for t in reader.tensors}
-    permute = gguf_loading.qk_permuted(config)
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     native: dict[str, str] = {}
     skip: set[str] = set()
     held: set[str] = set()
-    for i in range(config.num_hidden_layers):
-        for fused, parts in FUSED_PARTS.items():
-            names = [f"blk.{i}.{_GGUF_PART[p]}.weight" for p in parts]
+    for i, layer in enumerate(net.layers):
+        for m in net.layout.modules:
+            names = [gguf_format.gguf_name(i, part) for part in m.parts]
             if any(n not in tensors for n in names):
                 continue  # load_weights names what is missing
             qtypes = {tensors[n].tensor_type for n in names}
@@ -295,23 +257,23 @@ def load_gguf_native(
             if qtypes or qtype not in _FOUR_BIT:
                 continue
             rows = []
-            for name in names:
+            for part, name in zip(m.parts, names):
                 data = np.asarray(tensors[name].data)
-                part = name.split(".")[2]
-                if permute and part in heads:
-                    data = gguf_loading.unpermute_qk(data, heads[part])
+                heads = gguf_format.permuted_heads(config, part)
+                if heads is not None:  # quantized blocks are whole rows: permute them as rows
+                    data = gguf_format.unpermute_qk(data, heads)
                 rows.append(decode_blocks(data, qtype))
             codes = BlockCodes(
                 np.concatenate([r.values for r in rows]),
                 np.concatenate([r.scales for r in rows]),
                 np.concatenate([r.offsets for r in rows]),
             )
-            bias = f"blk.{i}.{_GGUF_PART[parts[0]]}.bias" in tensors
-            set_linear(net, i, fused, native_linear(codes, qtype, bias, dtype))
-            native[f"layers.{i}.{fused}"] = qtype.name
+            bias = gguf_format.gguf_name(i, m.parts[0], "bias") in tensors
+            layer.set_submodule(m.fused, native_linear(codes, qtype, bias, dtype))
+            native[f"layers.{i}.{m.fused}"] = qtype.name
             skip.update(names)
-            held.update(f"model.layers.{i}.{p}.weight" for p in parts)
-    load_rest(net, gguf_loading.iter_gguf_tensors(reader, config, dtype, skip=skip), held)
+            held.update(f"model.layers.{i}.{part}.weight" for part in m.parts)
+    net.load_weights(gguf_format.iter_gguf_tensors(reader, config, dtype, skip=skip), held)
     embedding = tensors.get("token_embd.weight")
     if embedding is not None and embedding.tensor_type in _COMPACT_ROWS:
         net.embed_lookup = GGUFRowTable(np.asarray(embedding.data), embedding.tensor_type, dtype)
