@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-TINY_VOCAB = 256
+from tests.helpers import TINY_CONFIGS, TINY_VOCAB, write_byte_tokenizer
 
 
 def smollm2_gguf_path() -> Path | None:
@@ -46,69 +46,6 @@ def smollm2_llm(smollm2_path):
     from lamina import LLM
 
     return LLM(str(smollm2_path), dtype="float32", max_model_len=1024)
-
-
-def write_byte_tokenizer(folder: Path, vocab_size: int = TINY_VOCAB) -> None:
-    """A byte-level BPE tokenizer with no merges (one token per byte), plus its config.
-
-    Ids 0-2 are <unk>, <s>, </s>; bytes map to the remaining ids (vocab_size >= 259 needed
-    for every byte, so we keep the byte alphabet printable ASCII only when it is smaller).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    alphabet.sort()
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for ch in alphabet[: vocab_size - len(specials)]:
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "add_bos_token": False,
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
-                "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}",
-            }
-        )
-    )
-
-
-TINY_CONFIGS: dict[str, dict] = {
-    "llama_mha": dict(arch="llama", num_attention_heads=4, num_key_value_heads=4),
-    "llama_gqa": dict(arch="llama", num_attention_heads=4, num_key_value_heads=2),
-    "llama_mqa": dict(arch="llama", num_attention_heads=4, num_key_value_heads=1),
-    "llama_tied": dict(
-        arch="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
-    ),
-    "llama3_rope": dict(
-        arch="llama",
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 10000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
-    ),
-    "qwen2_bias": dict(
-        arch="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
-    ),
-    "mistral": dict(
-        arch="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None
-    ),
-}
 
 
 def make_tiny_model(folder: Path, name: str, seed: int = 0):
@@ -164,7 +101,7 @@ def tiny_model_factory(tmp_path_factory):
     return get
 
 
-def assert_retention_equals_dense(folder: Path, prompt: list[int], chunk_size: int, **policy):
+def _assert_retention_equals_dense(folder: Path, prompt: list[int], chunk_size: int, **policy):
     """A KV retention policy (StreamingLLM / H2O keyword arguments of `LLM`) whose budget covers
     the whole request must give the dense engine's result: the same 30 greedy tokens, and the
     same prompt logits when the prompt is fed `chunk_size` tokens at a time."""
@@ -182,3 +119,11 @@ def assert_retention_equals_dense(folder: Path, prompt: list[int], chunk_size: i
         atol=1e-4,
         rtol=0,
     )
+
+
+@pytest.fixture(scope="session")
+def assert_retention_equals_dense() -> Callable[..., None]:
+    """`assert_retention_equals_dense(folder, prompt, chunk_size, **policy)`: a KV retention
+    policy (StreamingLLM / H2O keyword arguments of `LLM`) whose budget covers the whole request
+    gives the dense engine's greedy tokens and chunked prompt logits."""
+    return _assert_retention_equals_dense

@@ -212,9 +212,15 @@ def test_validation_errors_name_field_value_and_accepted(kwargs, words):
 def test_accepts_what_llm_accepted():
     import torch
 
-    EngineConfig(model="m", dtype=torch.bfloat16, rope_scaling={"rope_type": "yarn", "factor": 4})
-    EngineConfig(dtype="fp16", attention_sinks=4, sliding_window=64)
-    EngineConfig(h2o_heavy=0, h2o_recent=1, h2o_cache_positions=True)
+    yarn = {"rope_type": "yarn", "factor": 4}
+    a = EngineConfig(model="m", dtype=torch.bfloat16, rope_scaling=yarn)
+    assert a.dtype is torch.bfloat16 and a.rope_scaling == yarn
+    b = EngineConfig(dtype="fp16", attention_sinks=4, sliding_window=64)
+    streaming = b.cache_config()
+    assert (b.dtype, streaming.attention_sinks, streaming.sliding_window) == ("fp16", 4, 64)
+    c = EngineConfig(h2o_heavy=0, h2o_recent=1, h2o_cache_positions=True)
+    h2o = c.cache_config()
+    assert (h2o.h2o_heavy, h2o.h2o_recent, h2o.h2o_cache_positions) == (0, 1, True)
 
 
 def test_replace_keeps_the_rest():

@@ -65,7 +65,7 @@ def test_streaming_never_breaks_utf8_and_hides_stop_prefixes(smollm2_llm):
         stats = StreamStats()
         deltas = list(stream_deltas(engine, prompt, params, stats))
         full = smollm2_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].text
-        assert "".join(deltas) == full
+        assert deltas and "".join(deltas) == full
         assert all("\ufffd" not in d for d in deltas)
         assert stats.generated_tokens > 0 and stats.prompt_tps > 0
     engine.block_manager.check_all_free()

@@ -112,15 +112,19 @@ def test_sparsity_patterns_and_untouched_parameters(tiny_model_factory, method):
     model = copy.deepcopy(dense)
     cfg = prune_model(model, method, CALIB, sparsity=0.5, group="row", progress=False)
     assert cfg.method == method and cfg.sparsity == 0.5 and cfg.group == "row"
+    assert len(linears(model)) == 4 * len(model.layers)  # qkv, o, gate_up, down
     for name, lin in linears(model).items():
         zeros = (lin.weight == 0).sum(1)
         assert torch.all(zeros == lin.in_features // 2), name
     assert sparsity_of(model) == 0.5
     untouched = {n for n, _ in dense.named_parameters() if not n.endswith("proj.weight")}
     dense_params = dict(dense.named_parameters())
+    checked = 0
     for n, p in model.named_parameters():
         if n in untouched:  # embeddings, lm_head, norms, biases
             assert torch.equal(p, dense_params[n]), n
+            checked += 1
+    assert checked == len(untouched) > 0
 
     model = copy.deepcopy(dense)
     cfg = prune_model(model, method, CALIB, n_m=(2, 4), progress=False)
@@ -153,10 +157,14 @@ def test_layer_by_layer_pass_sees_what_the_full_forward_sees(tiny_model_factory)
     model = load_model(folder, "float32").model
     stats = collect_stats(model, CALIB, max_rows=288, progress=False)
     hs, caches = [model.embed_tokens[torch.tensor(s)] for s in CALIB], {}
+    compared = 0
     for i in range(len(model.layers)):
         norms, hs = _input_norms(model, i, hs, caches)
+        assert norms
+        compared += len(norms)
         for name, norm in norms.items():
             torch.testing.assert_close(norm, stats[name].samples.norm(dim=0))
+    assert compared == len(stats)  # every linear's input, once
 
 
 @pytest.fixture(scope="module")

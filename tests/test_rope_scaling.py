@@ -163,11 +163,12 @@ def test_rotary_module_cos_sin_equal_transformers(params):
     ref_cos, ref_sin = LlamaRotaryEmbedding(cfg)(x, positions[None])
     rot = RotaryEmbedding(model_config(lamina_rope(params, max_pos), head_dim, max_pos))
     cos, sin = rot.cos_sin(positions, torch.float32)
-    if rot.rotary_dim == head_dim:  # Llama's rotary module rotates the full head only
-        torch.testing.assert_close(cos[:, 0], ref_cos[0], rtol=0, atol=1e-6)
-        torch.testing.assert_close(sin[:, 0], ref_sin[0], rtol=0, atol=1e-6)
-    else:
-        assert rot.rotary_dim == int(head_dim * params["partial_rotary_factor"])
+    # a partial rotary factor rotates the first rotary_dim features; transformers' tables
+    # then cover just those
+    assert rot.rotary_dim == int(head_dim * params.get("partial_rotary_factor", 1.0))
+    assert cos.shape[-1] == ref_cos.shape[-1] == rot.rotary_dim
+    torch.testing.assert_close(cos[:, 0], ref_cos[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin[:, 0], ref_sin[0], rtol=0, atol=1e-6)
 
 
 def _hf_rotate(rotary, q, k, position_ids):
@@ -314,7 +315,7 @@ def test_from_hf_yarn_factor_from_lengths():
 # ---- end to end through the engine ------------------------------------------------------------
 def _tiny_checkpoint(folder, rope_parameters: dict, max_pos: int):
     """A random 2-layer Llama with the given RoPE, saved with a byte tokenizer."""
-    from tests.conftest import TINY_VOCAB, write_byte_tokenizer
+    from tests.helpers import TINY_VOCAB, write_byte_tokenizer
 
     config = transformers.LlamaConfig(
         vocab_size=TINY_VOCAB,

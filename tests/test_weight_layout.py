@@ -38,12 +38,13 @@ def test_split_inverts_fuse_and_rows_match_the_config(kind):
     assert layout.shard_sizes("self_attn.qkv_proj") == [c.q_size, c.kv_size, c.kv_size]
     assert layout.shard_sizes("mlp.gate_up_proj") == [c.intermediate_size] * 2
     assert layout.shard_sizes("self_attn.o_proj") == [c.hidden_size]
+    assert {"self_attn.qkv_proj", "mlp.gate_up_proj"} <= set(layout.fused_names)
     for fused in layout.fused_names:
         parts = [torch.randn(n, 7) for n in layout.shard_sizes(fused)]
         fused_t = layout.fuse(fused, parts)
         assert fused_t.shape[0] == sum(layout.shard_sizes(fused))
         back = layout.split(fused, fused_t)
-        assert len(back) == len(layout.checkpoint_parts(fused))
+        assert len(back) == len(parts) == len(layout.checkpoint_parts(fused))
         assert all(torch.equal(a, b) for a, b in zip(parts, back))
 
 
@@ -72,10 +73,11 @@ def test_mismatches_are_named():
 
 
 def test_gguf_names_follow_the_declared_parts():
-    for m in DECODER_LINEARS:
-        for part in m.parts:
-            for kind in ("weight", "bias"):
-                assert hf_name(gguf_name(3, part, kind)) == f"model.layers.3.{part}.{kind}"
+    parts = [part for m in DECODER_LINEARS for part in m.parts]
+    assert len(parts) == 7  # q, k, v, o, gate, up, down
+    for part in parts:
+        for kind in ("weight", "bias"):
+            assert hf_name(gguf_name(3, part, kind)) == f"model.layers.3.{part}.{kind}"
 
 
 def random_checkpoint(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:

@@ -107,6 +107,8 @@ def test_streaming_under_the_scheduler_stays_within_its_block_bound():
     policy.start(seq)
     sched.add(seq)
     bound = policy.max_blocks_per_request(1 << 20, 8)
+    # the sink block, the 16-token window plus one 8-token step (6 blocks), two of slack
+    assert bound <= 1 + 6 + 2
     while not seq.is_finished:
         batch = sched.schedule()
         assert len(seq.block_table) <= bound

@@ -39,6 +39,7 @@ def test_48_requests_together_equal_alone(tiny_model_factory):
     )
     prompts, params = varied_requests(48, 256, shared_len=40)
     together = run(llm, prompts, params)
+    assert len(together) == len(prompts) == 48
     assert llm.engine.stats.prefix_cache_hits > 0
     for prompt, p, out in zip(prompts, params, together):
         alone = run(llm, [prompt], [p])[0]
@@ -113,6 +114,7 @@ def test_prefix_cache_computes_only_the_suffix(tiny_model_factory):
     assert computed == len(b) - 512 and cached_b.num_cached_tokens == 512
     assert computed_plain == len(b)
     assert cached_b.outputs[0].token_ids == plain_b.outputs[0].token_ids
+    assert len(cached_b.outputs[0].logprobs) == len(plain_b.outputs[0].logprobs) == 8
     for pos_c, pos_p in zip(cached_b.outputs[0].logprobs, plain_b.outputs[0].logprobs):
         assert pos_c.keys() == pos_p.keys()
         for tok in pos_c:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lamina import LLM, SamplingParams
-from tests.conftest import TINY_CONFIGS, TINY_VOCAB
+from tests.helpers import TINY_CONFIGS, TINY_VOCAB
 
 PROMPT = [1, 17, 99, 3, 250, 45, 45, 7, 128, 64, 5, 200, 31, 8, 77, 150, 9, 33, 12]
 

@@ -4,6 +4,7 @@ free port) over the tiny random model, and the same model offline to compare wit
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 import time
@@ -22,8 +23,7 @@ import uvicorn  # noqa: E402
 from lamina import LLM  # noqa: E402
 from lamina.engine.llm_engine import LLMEngine  # noqa: E402
 from lamina.server import ServerSettings, build_app  # noqa: E402
-
-MODEL = "tiny"
+from tests.helpers import SERVED_MODEL_NAME as MODEL  # noqa: E402
 
 
 class LiveServer:
@@ -95,6 +95,31 @@ class LiveServer:
 
         kw.setdefault("api_key", self.settings.api_key or "unused")
         return AsyncOpenAI(base_url=f"{self.base_url}/v1", max_retries=0, timeout=60, **kw)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text exposition."""
+    for line in text.splitlines():
+        m = re.match(r"^([^{\s]+)(?:\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            return float(m.group(3))
+    raise KeyError(name)
+
+
+@pytest.fixture(scope="session")
+def metric() -> Callable[..., float]:
+    """`metric(text, name, **labels)`: the value of the first sample of `name` in a Prometheus
+    text exposition whose labels include `labels`; KeyError if there is none."""
+    return _metric
+
+
+@pytest.fixture(scope="session")
+def live_server_cls() -> type[LiveServer]:
+    """The LiveServer class, for tests that serve an engine of their own."""
+    return LiveServer
 
 
 @pytest.fixture(scope="session")

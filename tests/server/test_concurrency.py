@@ -11,8 +11,6 @@ import pytest
 from lamina import SamplingParams
 from lamina.engine.llm_engine import LLMEngine
 from lamina.server import ServerSettings
-from tests.server.conftest import LiveServer
-from tests.server.test_errors_and_routes import metric
 
 pytestmark = pytest.mark.slow
 
@@ -24,18 +22,18 @@ MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def smol_server(smollm2_llm):
+def smol_server(smollm2_llm, live_server_cls):
     """A server over its own engine on the weights the offline fixture already loaded."""
     e = smollm2_llm.engine
     engine = LLMEngine(
         e.loaded, e.cache_config, e.scheduler_config, e.block_manager.enable_prefix_caching
     )
-    srv = LiveServer(engine, ServerSettings(served_model_name="smollm2")).start()
+    srv = live_server_cls(engine, ServerSettings(served_model_name="smollm2")).start()
     yield srv
     srv.stop()
 
 
-def test_32_concurrent_streams_equal_offline(smol_server, smollm2_llm):
+def test_32_concurrent_streams_equal_offline(smol_server, smollm2_llm, metric):
     assert len(TOPICS) == 32
     convs = [[{"role": "user", "content": f"Write one sentence about {t}."}] for t in TOPICS]
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)

@@ -3,12 +3,10 @@ and /metrics."""
 
 from __future__ import annotations
 
-import re
-
 import httpx
 import pytest
 
-from tests.server.conftest import MODEL
+from tests.helpers import SERVED_MODEL_NAME as MODEL
 
 COMPLETION = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -157,19 +155,7 @@ def test_health(server):
     assert httpx.get(server.base_url + "/health", timeout=30).status_code == 200
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of a Prometheus text exposition."""
-    for line in text.splitlines():
-        m = re.match(r"^([^{\s]+)(?:\{(.*)\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            return float(m.group(3))
-    raise KeyError(name)
-
-
-def test_metrics(server):
+def test_metrics(server, metric):
     client = server.client()
     client.completions.create(
         model=MODEL,

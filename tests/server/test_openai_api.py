@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from lamina import SamplingParams
-from tests.server.conftest import MODEL
+from tests.helpers import SERVED_MODEL_NAME as MODEL
 
 PROMPTS = ["Hello there", "The capital of France is", "def fib(n):", "1, 2, 3,"]
 CHAT = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi, who are you?"}]
@@ -118,7 +118,7 @@ def test_stream_without_usage_has_no_usage_chunk(server):
             model=MODEL, prompt="abc", max_tokens=4, temperature=0, stream=True
         )
     )
-    assert all(c.choices and c.usage is None for c in chunks)
+    assert chunks and all(c.choices and c.usage is None for c in chunks)
 
 
 def test_n2_with_seed_is_reproducible_and_equals_offline(server, tiny_llm):
@@ -177,7 +177,7 @@ def test_completion_logprobs_equal_offline(server, tiny_llm):
     )
     want = offline(tiny_llm, PROMPTS[0], max_tokens=6, temperature=0, logprobs=3)[0][0]
     lp = resp.choices[0].logprobs
-    assert len(lp.tokens) == len(want.token_ids) == len(lp.token_logprobs)
+    assert len(lp.tokens) == len(want.token_ids) == len(lp.token_logprobs) > 0
     for tid, entry, value, top in zip(
         want.token_ids, want.logprobs, lp.token_logprobs, lp.top_logprobs
     ):
@@ -242,7 +242,7 @@ def test_chat_logprobs(server, tiny_llm):
         CHAT, SamplingParams(max_tokens=5, temperature=0, logprobs=2), use_tqdm=False
     )[0].outputs[0]
     content = resp.choices[0].logprobs.content
-    assert len(content) == len(want.token_ids)
+    assert len(content) == len(want.token_ids) > 0
     for item, tid, entry in zip(content, want.token_ids, want.logprobs):
         assert item.logprob == entry[tid].logprob
         assert len(item.top_logprobs) == 2
