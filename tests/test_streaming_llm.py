@@ -9,7 +9,7 @@ import torch
 
 from lamina import LLM, SamplingParams
 from lamina.attention.metadata import AttentionMetadata
-from lamina.attention.torch_backend import paged_attention
+from lamina.attention.torch_backend import TorchAttentionBackend
 from lamina.config import ModelConfig
 from lamina.kv.cache import KVCache
 from lamina.kv.streaming import StreamingWindow
@@ -80,7 +80,7 @@ def test_streaming_attention_matches_naive_reference():
     q = torch.randn(1, 4, 8)
     meta = AttentionMetadata.build([1], [live_len], [table], bs)
     meta.retention = StreamingWindow(sinks, window, bs, [evicted])
-    out = paged_attention(q, keys[-1:], values[-1:], layer, meta, 8**-0.5, rotary)
+    out = TorchAttentionBackend().forward(q, keys[-1:], values[-1:], layer, meta, 8**-0.5, rotary)
     # reference: visible = logical < 2 or logical > 21 - 6; keys rotated at cache index
     logical = [c if c < bs else c + evicted for c in range(live_len)]
     visible = [c for c in range(live_len) if logical[c] < sinks or logical[c] > 21 - window]

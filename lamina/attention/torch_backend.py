@@ -35,48 +35,39 @@ def expand_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return repeat(x, "b h l d -> b (h g) l d", g=groups)
 
 
-def paged_attention(
+def _prefill(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     cache: LayerCache,
     meta: AttentionMetadata,
+    i: int,
     scale: float,
-    rotary: RotaryEmbedding | None = None,
-) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] for the new tokens -> output [T, Hq, D]."""
-    cache.write(k, v, meta.slot_mapping)
-    groups = q.shape[1] // k.shape[1]
-    out = torch.empty_like(q)
-    if meta.retention is not None:
-        per_sequence = _RETENTION_ATTENTION[type(meta.retention)]
-        for i in range(meta.num_seqs):
-            per_sequence(q, cache, meta, meta.retention, i, scale, groups, out, rotary)
-        return out
-    if meta.decode_ids:
-        _decode(q, cache, meta, scale, groups, out)
-    for i in meta.prefill_ids:
-        start, qlen, ctx = meta.query_starts[i], meta.query_lens[i], meta.context_lens[i]
-        qi = rearrange(q[start : start + qlen], "t h d -> 1 h t d")
-        if ctx == qlen:  # nothing cached before this chunk: attend over the fresh K/V
-            ki, vi = k[start : start + qlen], v[start : start + qlen]
-            mask = None
-        else:
-            nblocks = -(-ctx // meta.block_size)
-            ki, vi = cache.gather(meta.block_tables[i, :nblocks])
-            ki, vi = ki[:ctx], vi[:ctx]
-            qpos = torch.arange(ctx - qlen, ctx, device=q.device)
-            mask = (torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None])[None, None]
-        tree = meta.tree_masks[i] if meta.tree_masks is not None else None
-        if tree is not None:
-            mask = _tree_mask(tree, ctx, qlen, q.device)
-        ki = expand_kv_heads(rearrange(ki, "t h d -> 1 h t d"), groups)
-        vi = expand_kv_heads(rearrange(vi, "t h d -> 1 h t d"), groups)
-        oi = F.scaled_dot_product_attention(
-            qi, ki, vi, attn_mask=mask, is_causal=mask is None, scale=scale
-        )
-        out[start : start + qlen] = rearrange(oi, "1 h t d -> t h d")
-    return out
+    groups: int,
+    out: torch.Tensor,
+) -> None:
+    """Sequence i's chunk of several new tokens: over its fresh K/V when nothing is cached
+    before it, else over its gathered context with an offset causal (or tree) mask."""
+    start, qlen, ctx = meta.query_starts[i], meta.query_lens[i], meta.context_lens[i]
+    qi = rearrange(q[start : start + qlen], "t h d -> 1 h t d")
+    if ctx == qlen:  # nothing cached before this chunk: attend over the fresh K/V
+        ki, vi = k[start : start + qlen], v[start : start + qlen]
+        mask = None
+    else:
+        nblocks = -(-ctx // meta.block_size)
+        ki, vi = cache.gather(meta.block_tables[i, :nblocks])
+        ki, vi = ki[:ctx], vi[:ctx]
+        qpos = torch.arange(ctx - qlen, ctx, device=q.device)
+        mask = (torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None])[None, None]
+    tree = meta.tree_masks[i] if meta.tree_masks is not None else None
+    if tree is not None:
+        mask = _tree_mask(tree, ctx, qlen, q.device)
+    ki = expand_kv_heads(rearrange(ki, "t h d -> 1 h t d"), groups)
+    vi = expand_kv_heads(rearrange(vi, "t h d -> 1 h t d"), groups)
+    oi = F.scaled_dot_product_attention(
+        qi, ki, vi, attn_mask=mask, is_causal=mask is None, scale=scale
+    )
+    out[start : start + qlen] = rearrange(oi, "1 h t d -> t h d")
 
 
 def _tree_mask(tree: torch.Tensor, ctx: int, qlen: int, device: torch.device) -> torch.Tensor:
@@ -218,4 +209,17 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
         rotary: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
-        return paged_attention(q, k, v, cache, meta, scale, rotary)
+        """q [T, Hq, D], k/v [T, Hkv, D] for the new tokens -> output [T, Hq, D]."""
+        cache.write(k, v, meta.slot_mapping)
+        groups = q.shape[1] // k.shape[1]
+        out = torch.empty_like(q)
+        if meta.retention is not None:
+            per_sequence = _RETENTION_ATTENTION[type(meta.retention)]
+            for i in range(meta.num_seqs):
+                per_sequence(q, cache, meta, meta.retention, i, scale, groups, out, rotary)
+            return out
+        if meta.decode_ids:
+            _decode(q, cache, meta, scale, groups, out)
+        for i in meta.prefill_ids:
+            _prefill(q, k, v, cache, meta, i, scale, groups, out)
+        return out

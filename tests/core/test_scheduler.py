@@ -100,7 +100,7 @@ def test_chunk_cap_and_whole_prompt_flag():
     assert scored.num_cached_tokens == 0
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(
     lengths=st.lists(
         st.tuples(st.integers(1, 40), st.integers(1, 12), st.integers(0, 6)),
