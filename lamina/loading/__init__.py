@@ -1,1 +1,2 @@
-"""Checkpoint loading: Hugging Face folders and GGUF files, plus the default model."""
+"""A ready model from a checkpoint path: the loader (which picks the float or quantized reader:
+lamina.formats, lamina.quant), tokenizers and chat templates, the default model."""
