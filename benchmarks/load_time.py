@@ -2,7 +2,9 @@
 
 lamina loads the default SmolLM2 GGUF; transformers (the peer) loads the same file with
 `gguf_file=` (it dequantizes too). Each run is a fresh process; we report the median and
-min-max of several runs.
+min-max of several runs. Results, with the run's environment (environment.py; the child
+processes start with torch's default thread count, the one recorded):
+benchmarks/results/load_time.json.
 
     python benchmarks/load_time.py [--runs 3] [--skip-transformers]
 """
@@ -17,6 +19,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from environment import run_environment, summary
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -90,7 +94,7 @@ def main() -> None:
     peers = {"lamina": LAMINA}
     if not args.skip_transformers:
         peers["transformers"] = TRANSFORMERS
-    results = {}
+    results: dict = {}
     for name, code in peers.items():
         runs = [run(code) for _ in range(args.runs)]
         results[name] = summarize(runs)
@@ -115,6 +119,9 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.processor() or ''}".strip(", "),
         "python": platform.python_version(),
     }
+    # after the timed runs: it imports torch, which would warm the page cache for the first one
+    results = {"environment": run_environment(), **results}
+    print(summary(results["environment"]))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "load_time.json").write_text(json.dumps(results, indent=2))
 

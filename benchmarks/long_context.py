@@ -26,7 +26,9 @@ Peak KV memory per request is the block manager's high-water mark times the byte
 The int8 capacity check compares how many requests of --capacity-request-len tokens fit in a
 fixed KV budget for float32 and int8 caches (`num_blocks_for`).
 
-Results: benchmarks/results/long_context.{md,json,png}.
+Results: benchmarks/results/long_context.{md,json,png}; the JSON records the run's environment
+(environment.py), whose "method_commits" names the commit each method was measured at (methods
+--resume kept keep theirs).
 
     python benchmarks/long_context.py [--long] [--window 1024] [--chunk 512] [--dtype float32]
                                       [--methods dense,streamingllm,...] [--quick]
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from environment import run_environment, summary
 
 from lamina import LLM
 from lamina.config import CacheConfig
@@ -430,6 +433,13 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         f"(block size {cfg['block_size']}), RoPE factor {cfg['factor']:g}. "
         f"{cfg['machine']}.",
         "",
+        summary(res.get("environment"))
+        + (
+            " Some methods come from earlier runs: see method_commits in the JSON."
+            if len(set((res.get("environment") or {}).get("method_commits", {}).values())) > 1
+            else ""
+        ),
+        "",
         "Perplexity of the first L tokens (cumulative, one pass per method at the longest length):",
         "",
         "| " + " | ".join(head + [f"peak KV MB @ {lengths[-1]}", "tok/s*"]) + " |",
@@ -670,7 +680,11 @@ def main() -> int:
         f"{len(ids)} tokens of {', '.join(names)}; lengths {lengths}; methods {methods}", flush=True
     )
 
+    env = run_environment()
+    print(summary(env), flush=True)
+    method_commits: dict[str, str | None] = {}
     res: dict[str, Any] = {
+        "environment": env,
         "config": {
             "model": "SmolLM2-135M-Instruct" if args.model is None else str(args.model),
             "dtype": str(compute_dtype).removeprefix("torch."),
@@ -701,6 +715,10 @@ def main() -> int:
             for m in methods:
                 if m in old.get("methods", {}) and m in old.get("curves", {}):
                     res["methods"][m], curves[m] = old["methods"][m], old["curves"][m]
+                    old_env = old.get("environment") or {}
+                    method_commits[m] = (old_env.get("method_commits") or {}).get(
+                        m, old_env.get("commit")
+                    )
             earlier_s = old.get("runtime_s", 0.0)
             res["config"]["argv"] = old["config"].get("argv", argv)
             print(f"resuming: {', '.join(res['methods']) or 'nothing'} from the earlier run")
@@ -753,10 +771,12 @@ def main() -> int:
             + f"  ({p['seconds']:.0f} s)",
             flush=True,
         )
+        method_commits[name] = env["commit"]
         del llm, p, nll
         gc.collect()
         # write what we have so far (a long run can be inspected, or survive a late failure)
         res["methods"] = {m: res["methods"][m] for m in methods if m in res["methods"]}
+        env["method_commits"] = {m: method_commits.get(m) for m in res["methods"]}
         res["runtime_s"] = earlier_s + time.perf_counter() - t_all
         res["checks"] = checks(res)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -766,6 +786,7 @@ def main() -> int:
     res["runtime_s"] = earlier_s + time.perf_counter() - t_all
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["curves"] = curves
+    env["method_commits"] = {m: method_commits.get(m) for m in res["methods"]}
     return finish(res, out)
 
 

@@ -4,7 +4,9 @@ For float32, bfloat16, int8 weight-only, RTN int4, AWQ int4, SmoothQuant W8A8, G
 natively, Wanda 50%, Wanda 2:4 and magnitude 50%: perplexity on held-out text (Hamlet,
 calibration on Macbeth), model memory (parameters + buffers), prefill tokens/s (one 512-token
 prompt) and single-stream decode tokens/s (128 tokens), each speed the median (min-max) of
---repeats runs. Results: benchmarks/results/quantization.{md,json}.
+--repeats runs. Results: benchmarks/results/quantization.{md,json}; the JSON holds the rows under
+"rows" and the run's environment (environment.py) under "environment", whose "row_commits" names
+the commit each row was measured at (rows an --only run kept keep theirs).
 
     python benchmarks/quantization.py [--repeats 3] [--eval-tokens 4096] [--only int8,awq]
 """
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from environment import run_environment, summary
 
 from lamina import LLM, SamplingParams
 from lamina.eval.corpus import load_corpus
@@ -60,6 +63,18 @@ def speed(llm: LLM, repeats: int) -> tuple[list[float], list[float]]:
     return prefill, decode
 
 
+def load_rows(data: dict) -> tuple[dict, dict]:
+    """The rows of a quantization.json and each row's commit (older files held the rows at the
+    top level, without an environment)."""
+    if "rows" in data:
+        rows, env = data["rows"], data.get("environment") or {}
+    else:
+        rows = {k: v for k, v in data.items() if k != "environment"}
+        env = data.get("environment") or {}
+    commits = env.get("row_commits") or {}
+    return rows, {name: commits.get(name, env.get("commit")) for name in rows}
+
+
 def med(xs: list[float]) -> str:
     return f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
 
@@ -80,6 +95,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.manual_seed(0)
+    env = run_environment()
+    print(summary(env), flush=True)
     eval_text = load_corpus(["hamlet"])
     calib_text = load_corpus(["macbeth"])
 
@@ -120,15 +137,17 @@ def main() -> None:
         wanted = {w.strip() for w in args.only.split(",")}
         rows = {k: v for k, v in rows.items() if any(k.startswith(w) for w in wanted)}
     results: dict = {}
+    row_commits: dict = {}
     earlier = RESULTS / "quantization.json"
     if args.only and earlier.exists():  # re-measure some rows, keep the others (in order)
-        results = json.loads(earlier.read_text())
+        results, row_commits = load_rows(json.loads(earlier.read_text()))
     for name, build in rows.items():
         try:
             llm = build()
         except (TypeError, ValueError) as e:  # e.g. an option this build of lamina lacks
             print(f"{name:18s} skipped: {e}", flush=True)
             results[name] = {"skipped": str(e)}
+            row_commits[name] = env["commit"]
             continue
         ids = llm.tokenizer.encode(eval_text)[5000 : 5000 + args.eval_tokens]
         ppl = perplexity(
@@ -141,19 +160,28 @@ def main() -> None:
             "prefill_tok_s": prefill,
             "decode_tok_s": decode,
         }
+        row_commits[name] = env["commit"]
         print(
             f"{name:18s} ppl {ppl:8.2f}  model {results[name]['model_mb']:6.0f} MB  "
             f"prefill {med(prefill)}  decode {med(decode)} tok/s",
             flush=True,
         )
         del llm
+    env["row_commits"] = {name: row_commits.get(name) for name in results}
     lines = [
         "# Weight formats on SmolLM2-135M-Instruct",
         "",
         f"Perplexity on {args.eval_tokens} held-out Hamlet tokens ({args.context}-token windows); "
         f"AWQ / SmoothQuant / Wanda calibrated on {args.calib_tokens} Macbeth tokens. Speeds: "
-        f"median (min-max) of {args.repeats} runs, 2-core CPU, {time.strftime('%Y-%m-%d')}. "
-        "The source weights are the Q4_1 GGUF dequantized.",
+        f"median (min-max) of {args.repeats} runs, {env['cores']}-core CPU, "
+        f"{time.strftime('%Y-%m-%d')}. The source weights are the Q4_1 GGUF dequantized.",
+        "",
+        summary(env)
+        + (
+            " Some rows come from earlier runs: see row_commits in the JSON."
+            if len(set(env["row_commits"].values())) > 1
+            else ""
+        ),
         "",
         "| format | perplexity | model MB | prefill tok/s | decode tok/s |",
         "|---|---|---|---|---|",
@@ -168,7 +196,8 @@ def main() -> None:
             )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quantization.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "quantization.json").write_text(json.dumps(results, indent=2))
+    report = {"environment": env, "rows": results}
+    (RESULTS / "quantization.json").write_text(json.dumps(report, indent=2))
     print("\n".join(lines))
 
 

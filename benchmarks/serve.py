@@ -17,7 +17,9 @@ request throughput, output-token throughput and total-token throughput.
 llama-cpp-python compiles llama.cpp on install (~12 min on 2 cores), so it is not a dependency:
 without it the llama.cpp half is skipped with a message. Its bundled server runs one request
 at a time (PEERS.md); it is started with --interrupt_requests False so that concurrent streams
-queue instead of cancelling each other. Results: benchmarks/results/serve.{json,md}.
+queue instead of cancelling each other. Results: benchmarks/results/serve.{json,md}, with the
+run's environment (environment.py), whose "threads" is --threads (llama.cpp's) and
+"lamina_server_threads" the torch threads lamina's servers chose (lamina serve's default).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from environment import run_environment, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -65,7 +68,7 @@ def _free_port() -> int:
 
 
 def _load_tokenizer(path: Path) -> Any:
-    from lamina.loading.gguf import open_gguf
+    from lamina.formats.gguf import open_gguf
     from lamina.loading.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(open_gguf(path))
@@ -311,6 +314,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['load_average']['start'][0]:.1f} at the start, "
         f"{report['load_average']['end'][0]:.1f} at the end.",
         "",
+        summary(report.get("environment"))
+        + (
+            " Torch threads in lamina's servers: "
+            f"{report['environment']['lamina_server_threads']}; llama.cpp threads: "
+            f"{report['environment']['threads']}."
+            if "lamina_server_threads" in report.get("environment", {})
+            else ""
+        ),
+        "",
         "| backend | conc | req/s | out tok/s | total tok/s | TTFT mean / median / p99 ms "
         "| TPOT mean / median / p99 ms | ITL mean / median / p99 ms |",
         "|---|---|---|---|---|---|---|---|",
@@ -364,8 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(args.model) if args.model else default_model_path()
     tok = _load_tokenizer(model)
     prompts = make_prompts(tok, args.num_prompts, args.input_len, args.seed)
+    from lamina.server.cli import serving_threads
+
+    env = run_environment(threads=args.threads)
+    env["lamina_server_threads"] = serving_threads(None)  # what `lamina serve` picks by default
+    print(summary(env), flush=True)
     load_start = list(os.getloadavg())  # other work on the machine skews every number
     report: dict[str, Any] = {
+        "environment": env,
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}",

@@ -10,7 +10,8 @@ Two workloads:
 
 Each configuration is repeated (--repeats) and reported as median (min-max); output tok/s and
 total (prompt + output) tok/s, plus lamina's per-step Python overhead (step time outside the
-model forward). Results go to benchmarks/results/throughput.{json,md}.
+model forward), and the run's environment (environment.py). Results go to
+benchmarks/results/throughput_<dtype>[_partial].json.
 
     python benchmarks/throughput.py [--dtype bfloat16] [--repeats 3] [--skip-hf] [--quick]
 """
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from environment import run_environment, summary
 
 from lamina import LLM, SamplingParams
 
@@ -168,7 +170,13 @@ def main() -> None:
                 path, tempfile.mkdtemp(prefix="lamina-hf-"), str(dtype).removeprefix("torch.")
             )
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    results: dict = {"dtype": args.dtype, "repeats": args.repeats, "workloads": {}}
+    results: dict = {
+        "environment": run_environment(),
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "workloads": {},
+    }
+    print(summary(results["environment"]), flush=True)
     run_lamina(llm, *fixed_workload(4, vocab, seed=99))  # warm-up
     for name, (prompts, outs) in workloads.items():
         entry = {"lamina": summarize([run_lamina(llm, prompts, outs) for _ in range(args.repeats)])}
