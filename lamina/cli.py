@@ -134,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder to write")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.set_defaults(func=cmd_convert)
+    from lamina.commands.prune import add_prune_parser
+    from lamina.commands.quantize import add_quantize_parser
     from lamina.eval.perplexity import add_ppl_parser
-    from lamina.prune.cli import add_prune_parser
-    from lamina.quant.cli import add_quantize_parser
     from lamina.server.cli import add_serve_parser
 
     add_serve_parser(sub)

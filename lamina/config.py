@@ -1,7 +1,7 @@
 """Configuration dataclasses: one per concern, built once from the checkpoint and the user's flags.
 
 `ModelConfig` is the single source of truth for the architecture. It is parsed from a Hugging
-Face `config.json` dict or from GGUF metadata (see `loading/gguf.py`), validated here, and then
+Face `config.json` dict or from GGUF metadata (see `formats/gguf.py`), validated here, and then
 read by every layer; nothing downstream re-parses the checkpoint.
 """
 

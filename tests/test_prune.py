@@ -17,10 +17,9 @@ import pytest
 import torch
 
 from lamina import LLM, SamplingParams
+from lamina.commands.prune import add_prune_parser, cmd_prune
 from lamina.loading.loader import load_model
 from lamina.prune import (
-    add_prune_parser,
-    cmd_prune,
     nm_mask,
     parse_n_m,
     prune_model,
@@ -30,7 +29,7 @@ from lamina.prune import (
     sparsity_of,
     wanda_score,
 )
-from lamina.prune.cli import hf_state
+from lamina.prune.checkpoint import hf_state
 from lamina.prune.magnitude import decoder_linears, layer_mask
 from lamina.quant.calibrate import forward_logits
 

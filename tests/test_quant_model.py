@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lamina import LLM, SamplingParams
+from lamina.commands.quantize import add_quantize_parser, cmd_quantize
 from lamina.loading.loader import load_model
 from lamina.quant import (
     Int4Linear,
@@ -27,7 +28,6 @@ from lamina.quant import (
 )
 from lamina.quant.calibrate import collect_stats, forward_logits
 from lamina.quant.checkpoint import quantized_state
-from lamina.quant.cli import add_quantize_parser, cmd_quantize
 from lamina.quant.fold import apply_scale, scale_groups
 
 

@@ -6,18 +6,17 @@
     LLM("out/")  # a plain Hugging Face Llama folder; transformers loads it too
 
 Modules: magnitude.py (masks for each comparison group, the |W| baseline), wanda.py (the
-score, sequential calibration, `prune_model`), cli.py (`lamina prune`, the checkpoint).
+score, sequential calibration, `prune_model`), checkpoint.py (the folder a pruned model is
+saved as). The `lamina prune` command lives in lamina/commands/prune.py.
 """
 
-from lamina.prune.cli import add_prune_parser, cmd_prune, pruning_config_of, save_pruned
+from lamina.prune.checkpoint import pruning_config_of, save_pruned
 from lamina.prune.magnitude import nm_mask, parse_n_m, row_mask, sparsity_of
 from lamina.prune.wanda import METHODS, PruneConfig, prune_model, wanda_score
 
 __all__ = [
     "METHODS",
     "PruneConfig",
-    "add_prune_parser",
-    "cmd_prune",
     "nm_mask",
     "parse_n_m",
     "prune_model",

@@ -9,7 +9,7 @@ SmoothQuant W8A8, plus quantized checkpoints that reload bit-exactly.
 Modules, one job each: int8.py / int4.py / w8a8.py (the quantized linears and their kernels),
 fold.py (where per-channel scales can be folded in a LLaMA), calibrate.py (activation
 statistics), awq.py and smoothquant.py (the two scaling searches), apply.py (quantize_model),
-checkpoint.py (save / load), cli.py (`lamina quantize`).
+checkpoint.py (save / load); the `lamina quantize` command is lamina/commands/quantize.py.
 """
 
 from lamina.quant.apply import METHODS, QuantConfig, quantize_model

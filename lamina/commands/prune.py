@@ -1,13 +1,8 @@
-"""`lamina prune` and the checkpoint it writes.
+"""`lamina prune`: load a float model, prune it (Wanda or magnitude), write a folder that
+lamina and transformers load.
 
     lamina prune --method wanda --model M --calib text.txt --out DIR \\
         [--sparsity 0.5 | --n-m 2:4] [--num-calib-tokens 16384] [--seq-len 512]
-
-A pruned model is still a dense float model (zeros in place of pruned weights), so it is saved
-as a plain Hugging Face Llama folder under the unfused names (q/k/v, gate/up split back out of
-lamina's fused rows): `load_model`, `LLM(...)`, `lamina run / serve` and transformers all load
-it with no special code. config.json carries a `pruning_config` block saying what was done;
-every loader ignores it.
 """
 
 from __future__ import annotations
@@ -15,51 +10,10 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from lamina.config import ModelConfig
-from lamina.formats import hf
-from lamina.models.llama import LlamaForCausalLM, on_row_major_weights
+from lamina.prune.checkpoint import save_pruned
 from lamina.prune.magnitude import parse_n_m, sparsity_of
-from lamina.prune.wanda import METHODS, PruneConfig
-
-
-def hf_state(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
-    """The model's tensors under Hugging Face names, fused parameters split back into their
-    q/k/v and gate/up rows: exactly the inverse of `LlamaForCausalLM.load_weights`."""
-    return {name: t.contiguous() for name, t in model.checkpoint_weights()}
-
-
-@on_row_major_weights
-def save_pruned(
-    model: LlamaForCausalLM,
-    config: ModelConfig,
-    tokenizer: Any,
-    out_dir: str | Path,
-    generation_config: dict[str, Any] | None = None,
-) -> Path:
-    """Write a pruned model (after `prune_model`) as a Hugging Face folder; returns the path."""
-    pcfg: PruneConfig | None = getattr(model, "prune_config", None)
-    if pcfg is None:
-        raise ValueError("the model is not pruned; call prune_model first")
-    return hf.write_hf_folder(
-        out_dir,
-        hf_state(model),
-        config,
-        tokenizer,
-        model.dtype,
-        {"pruning_config": pcfg.to_json()},
-        generation_config=generation_config,
-    )
-
-
-def pruning_config_of(folder: str | Path) -> dict[str, Any] | None:
-    """The `pruning_config` block of a model folder, or None if it was not pruned by lamina."""
-    path = Path(folder) / "config.json"
-    block = hf.read_json(path).get("pruning_config") if path.is_file() else None
-    return block if isinstance(block, dict) else None
+from lamina.prune.wanda import METHODS
 
 
 def _n_m(text: str) -> tuple[int, int]:

@@ -1,0 +1,1 @@
+"""Sub-commands of `lamina` that build on the loader: quantize, prune."""
