@@ -224,7 +224,7 @@ def recompute_pass(llm: LLM, ids: list[int], window: int, chunk: int) -> dict[st
         nll[begin + first - 1 : end - 1] = part["nll"][first - 1 : n - 1]
         seconds += part["seconds"]
         ends.append(end)
-        peaks.append(max([part["chunk_peaks"][-1]] + peaks[-1:]))
+        peaks.append(max([part["chunk_peaks"][-1], *peaks[-1:]]))
         if end % (8 * chunk) == 0 or end == len(ids):
             print(
                 f"    {end:>6}/{len(ids)} tokens  {seconds:7.1f} s  "
@@ -442,7 +442,7 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         "",
         "Perplexity of the first L tokens (cumulative, one pass per method at the longest length):",
         "",
-        "| " + " | ".join(head + [f"peak KV MB @ {lengths[-1]}", "tok/s*"]) + " |",
+        "| " + " | ".join([*head, f"peak KV MB @ {lengths[-1]}", "tok/s*"]) + " |",
         "|" + "---|" * 2 + "---:|" * (len(lengths) + 2),
     ]
     for name, row in res["methods"].items():

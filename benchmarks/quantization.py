@@ -112,7 +112,7 @@ def main() -> None:
 
         return build
 
-    def pruned(method: str, **kw) -> Callable[[], LLM]:  # noqa: ANN003
+    def pruned(method: str, **kw) -> Callable[[], LLM]:
         def build() -> LLM:
             llm = LLM(dtype="float32", max_model_len=2048)
             ids = calib(llm) if method == "wanda" else None

@@ -140,7 +140,10 @@ class Server:
     def __init__(self, backend: str, model: Path, args: argparse.Namespace) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=f"-{backend}.log", delete=False)
+        # kept open for the server's lifetime (closed in stop())
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            "w+", suffix=f"-{backend}.log", delete=False
+        )
         cmd = server_command(backend, model, self.port, args)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -335,12 +338,12 @@ def markdown(report: dict[str, Any]) -> str:
         if "skipped" in res:
             lines.append(f"| {backend} | skipped: {res['skipped']} | | | | | | |")
             continue
-        for lv in res["levels"]:
-            lines.append(
-                f"| {backend} | {lv['concurrency']} | {lv['request_throughput']:.2f} "
-                f"| {lv['output_throughput']:.1f} | {lv['total_token_throughput']:.1f} "
-                f"| {fmt(lv['ttft_ms'])} | {fmt(lv['tpot_ms'])} | {fmt(lv['itl_ms'])} |"
-            )
+        lines.extend(
+            f"| {backend} | {lv['concurrency']} | {lv['request_throughput']:.2f} "
+            f"| {lv['output_throughput']:.1f} | {lv['total_token_throughput']:.1f} "
+            f"| {fmt(lv['ttft_ms'])} | {fmt(lv['tpot_ms'])} | {fmt(lv['itl_ms'])} |"
+            for lv in res["levels"]
+        )
     return "\n".join(lines) + "\n"
 
 

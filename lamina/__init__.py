@@ -9,9 +9,9 @@ from lamina.sampling_params import BeamSearchParams, SamplingParams
 
 __all__ = [
     "LLM",
-    "SamplingParams",
     "BeamSearchParams",
-    "RequestOutput",
     "CompletionOutput",
+    "RequestOutput",
+    "SamplingParams",
 ]
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202
+def _load(args: argparse.Namespace):
     from rich.console import Console
 
     from lamina.llm import LLM
@@ -40,7 +40,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
         return LLM(config)
 
 
-def _stream(llm, prompt: str | list[int], params: SamplingParams) -> tuple[str, object]:  # noqa: ANN001
+def _stream(llm, prompt: str | list[int], params: SamplingParams) -> tuple[str, object]:
     from lamina.streaming import StreamStats, stream_deltas
 
     stats = StreamStats()
@@ -53,7 +53,7 @@ def _stream(llm, prompt: str | list[int], params: SamplingParams) -> tuple[str, 
     return "".join(pieces), stats
 
 
-def _print_speed(stats) -> None:  # noqa: ANN001
+def _print_speed(stats) -> None:
     print(
         f"[prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s | "
         f"decode: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tok/s | "

@@ -28,7 +28,7 @@ from lamina.rope_config import RopeConfig
 UNBOUNDED_MAX_MODEL_LEN = 1 << 20  # StreamingLLM / H2O: the cache no longer bounds a request
 
 
-def _opt(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - argparse's name
+def _opt(default: Any, help: str, **meta: Any) -> Any:
     """A field with its CLI metadata. Keys besides help: `min` (integer lower bound),
     `choices` (accepted values besides a None default), `flags` (the CLI spellings, when not
     `--kebab-name`), `negated_help` (help of the `--no-xxx` flag of a True boolean)."""

@@ -63,7 +63,7 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self._ids = itertools.count()
 
-    def get_tokenizer(self):  # noqa: ANN201 - vLLM name
+    def get_tokenizer(self):
         return self.tokenizer
 
     def generate(

@@ -5,7 +5,7 @@ scheme, read from either transformers layout and validated once. The formulas li
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class RopeConfig:
     partial_rotary_factor: float = 1.0
 
     # Fields a user may set per rope_type (besides rope_type, rope_theta, partial_rotary_factor).
-    USER_FIELDS = {
+    USER_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "default": (),
         "linear": ("factor",),
         "dynamic": ("factor",),

@@ -71,7 +71,7 @@ class SamplingParams:
                 raise ValueError("logit_bias is invalid; it must map token ids to numbers") from e
         self.validate()
 
-    def validate(self) -> None:  # noqa: C901 - one check per field, in order
+    def validate(self) -> None:
         def bad(name: str, accepted: str) -> ValueError:
             return ValueError(f"{name}={getattr(self, name)!r} is invalid; {accepted}")
 

@@ -26,17 +26,17 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 # Tiny dims that fit every block size: rows of 256 or 512 values (K-quants need multiples of 256).
-TINY_DIMS = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-)
+TINY_DIMS = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+}
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
 K_QUANTS = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
 

@@ -47,17 +47,20 @@ def write_byte_tokenizer(folder: Path, vocab_size: int = TINY_VOCAB) -> None:
 
 
 TINY_CONFIGS: dict[str, dict] = {
-    "llama_mha": dict(arch="llama", num_attention_heads=4, num_key_value_heads=4),
-    "llama_gqa": dict(arch="llama", num_attention_heads=4, num_key_value_heads=2),
-    "llama_mqa": dict(arch="llama", num_attention_heads=4, num_key_value_heads=1),
-    "llama_tied": dict(
-        arch="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
-    ),
-    "llama3_rope": dict(
-        arch="llama",
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_parameters={
+    "llama_mha": {"arch": "llama", "num_attention_heads": 4, "num_key_value_heads": 4},
+    "llama_gqa": {"arch": "llama", "num_attention_heads": 4, "num_key_value_heads": 2},
+    "llama_mqa": {"arch": "llama", "num_attention_heads": 4, "num_key_value_heads": 1},
+    "llama_tied": {
+        "arch": "llama",
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+    "llama3_rope": {
+        "arch": "llama",
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_parameters": {
             "rope_type": "llama3",
             "rope_theta": 10000.0,
             "factor": 8.0,
@@ -65,11 +68,17 @@ TINY_CONFIGS: dict[str, dict] = {
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 32,
         },
-    ),
-    "qwen2_bias": dict(
-        arch="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
-    ),
-    "mistral": dict(
-        arch="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None
-    ),
+    },
+    "qwen2_bias": {
+        "arch": "qwen2",
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
+    "mistral": {
+        "arch": "mistral",
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "sliding_window": None,
+    },
 }

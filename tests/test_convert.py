@@ -31,7 +31,8 @@ def test_converted_folder_layout(converted):
     } <= names
     cfg = json.loads((converted / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
-    assert cfg["num_key_value_heads"] == 3 and cfg["tie_word_embeddings"] is True
+    assert cfg["num_key_value_heads"] == 3
+    assert cfg["tie_word_embeddings"] is True
 
 
 def test_transformers_loads_converted_with_same_logits(converted, hf_smollm2, smollm2_llm):

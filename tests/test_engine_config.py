@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 import pytest
 
@@ -108,7 +109,7 @@ def test_no_flags_give_the_default_config():
 
 
 @pytest.mark.parametrize(
-    "argv, kwargs",
+    ("argv", "kwargs"),
     [
         (["-m", "x.gguf", "--dtype", "float32"], {"model": "x.gguf", "dtype": "float32"}),
         (
@@ -172,7 +173,7 @@ def test_llm_rejects_unknown_key_before_loading():
 
 
 @pytest.mark.parametrize(
-    "kwargs, words",
+    ("kwargs", "words"),
     [
         ({"model": 3}, ["model=3"]),
         ({"dtype": "float8"}, ["dtype", "'float8'", "accepted"]),
@@ -203,7 +204,7 @@ def test_llm_rejects_unknown_key_before_loading():
     ],
 )
 def test_validation_errors_name_field_value_and_accepted(kwargs, words):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match=re.escape(words[0])) as err:
         EngineConfig(**kwargs)
     for word in words:
         assert word in str(err.value), str(err.value)
@@ -214,7 +215,8 @@ def test_accepts_what_llm_accepted():
 
     yarn = {"rope_type": "yarn", "factor": 4}
     a = EngineConfig(model="m", dtype=torch.bfloat16, rope_scaling=yarn)
-    assert a.dtype is torch.bfloat16 and a.rope_scaling == yarn
+    assert a.dtype is torch.bfloat16
+    assert a.rope_scaling == yarn
     b = EngineConfig(dtype="fp16", attention_sinks=4, sliding_window=64)
     streaming = b.cache_config()
     assert (b.dtype, streaming.attention_sinks, streaming.sliding_window) == ("fp16", 4, 64)

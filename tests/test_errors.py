@@ -50,7 +50,7 @@ def test_token_ids_outside_vocab(tiny_llm):
 
 
 def test_failed_batch_leaves_no_request_behind(tiny_llm):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="the prompt is empty"):
         tiny_llm.generate([{"prompt_token_ids": [5, 6]}, ""], use_tqdm=False)
     assert not tiny_llm.engine.has_unfinished_requests()
     tiny_llm.engine.block_manager.check_all_free()
@@ -77,22 +77,22 @@ def test_wrong_shape(tiny_copy):
 
 
 def test_missing_weights_and_config(tmp_path, tiny_copy):
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"no config\.json"):
         LLM(str(tmp_path / "model" / ".."))  # a folder without config.json
     (tiny_copy / "model.safetensors").unlink()
-    with pytest.raises(ValueError, match="no \\*.safetensors"):
+    with pytest.raises(ValueError, match=r"no \*\.safetensors"):
         LLM(str(tiny_copy))
 
 
 def test_model_not_found():
-    with pytest.raises(FileNotFoundError, match="neither a folder nor a file.*hub id"):
+    with pytest.raises(FileNotFoundError, match=r"neither a folder nor a file.*hub id"):
         LLM("someorg/some-model")
 
 
 def test_not_a_gguf(tmp_path):
     bad = tmp_path / "weights.bin"
     bad.write_bytes(b"\0" * 64)
-    with pytest.raises(ValueError, match="not a .gguf"):
+    with pytest.raises(ValueError, match=r"not a \.gguf"):
         LLM(str(bad))
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"\0" * 64)
@@ -106,7 +106,7 @@ def test_bad_dtype():
 
 
 @pytest.mark.parametrize(
-    "kwargs, field",
+    ("kwargs", "field"),
     [
         ({"temperature": -1}, "temperature"),
         ({"top_p": 0}, "top_p"),

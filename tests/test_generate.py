@@ -31,7 +31,8 @@ def test_stop_string_is_cut_like_openai(smollm2_llm):
         use_tqdm=False,
     )[0].outputs[0]
     assert out.text == base.text[: base.text.index("answer")]
-    assert out.finish_reason == "stop" and out.stop_reason == "answer"
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == "answer"
     tok = base.token_ids[3]
     out = smollm2_llm.generate(
         "The capital of France is",
@@ -39,7 +40,8 @@ def test_stop_string_is_cut_like_openai(smollm2_llm):
         use_tqdm=False,
     )[0].outputs[0]
     assert out.token_ids == base.token_ids[: base.token_ids.index(tok) + 1]
-    assert out.finish_reason == "stop" and out.stop_reason == tok
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == tok
 
 
 @pytest.mark.slow
@@ -65,9 +67,11 @@ def test_streaming_never_breaks_utf8_and_hides_stop_prefixes(smollm2_llm):
         stats = StreamStats()
         deltas = list(stream_deltas(engine, prompt, params, stats))
         full = smollm2_llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].text
-        assert deltas and "".join(deltas) == full
+        assert deltas
+        assert "".join(deltas) == full
         assert all("\ufffd" not in d for d in deltas)
-        assert stats.generated_tokens > 0 and stats.prompt_tps > 0
+        assert stats.generated_tokens > 0
+        assert stats.prompt_tps > 0
     engine.block_manager.check_all_free()
 
 
@@ -88,7 +92,8 @@ def test_cli_run_streams_and_reports_speed(tiny_model_factory, capsys):
     assert main(["run", "--model", str(folder), "--max-tokens", "8", "hello"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip()
-    assert "tok/s" in captured.err and "decode: 8 tokens" in captured.err
+    assert "tok/s" in captured.err
+    assert "decode: 8 tokens" in captured.err
 
 
 def test_cli_chat_keeps_history(tiny_model_factory, monkeypatch, capsys):
@@ -107,7 +112,8 @@ def test_cli_chat_keeps_history(tiny_model_factory, monkeypatch, capsys):
     monkeypatch.setattr(lamina.streaming, "stream_deltas", spy)
     assert main(["chat", "--model", str(folder), "--max-tokens", "4", "--seed", "1"]) == 0
     assert len(seen) == 2
-    assert "first question" in seen[1] and "second question" in seen[1]
+    assert "first question" in seen[1]
+    assert "second question" in seen[1]
     assert "assistant" in seen[1]
 
 
@@ -121,7 +127,7 @@ def test_console_script_on_default_model(smollm2_path):
     """The installed `lamina` entry point runs the default model end to end."""
     exe = [sys.executable, "-m", "lamina.cli"]
     res = subprocess.run(
-        exe + ["run", "--max-tokens", "12", "The capital of France is"],
+        [*exe, "run", "--max-tokens", "12", "The capital of France is"],
         capture_output=True,
         text=True,
         timeout=300,

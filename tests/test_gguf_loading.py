@@ -40,12 +40,16 @@ def written(gguf_dir):
     models: dict[str, torch.nn.Module] = {}
     files: dict[tuple[str, str], tuple[Path, torch.nn.Module, dict[str, np.ndarray]]] = {}
     specs = {
-        "llama": dict(arch="llama", seed=0),
-        "llama_mha": dict(arch="llama", seed=1, num_key_value_heads=4),
-        "llama_mqa": dict(arch="llama", seed=2, num_key_value_heads=1),
-        "qwen2": dict(
-            arch="qwen2", seed=3, tie_word_embeddings=True, rope_theta=50000.0, rms_norm_eps=1e-5
-        ),
+        "llama": {"arch": "llama", "seed": 0},
+        "llama_mha": {"arch": "llama", "seed": 1, "num_key_value_heads": 4},
+        "llama_mqa": {"arch": "llama", "seed": 2, "num_key_value_heads": 1},
+        "qwen2": {
+            "arch": "qwen2",
+            "seed": 3,
+            "tie_word_embeddings": True,
+            "rope_theta": 50000.0,
+            "rms_norm_eps": 1e-5,
+        },
     }
 
     def get(model_name: str, qtype: str):
@@ -141,7 +145,8 @@ def test_llama_type_matches_transformers(written, qtype):
     reader = gguf.GGUFReader(str(path))
     stored = {t.name: t.tensor_type for t in reader.tensors}
     assert stored["blk.0.attn_q.weight"] == QT[qtype]
-    assert stored["token_embd.weight"] == QT[qtype] and stored["output.weight"] == QT[qtype]
+    assert stored["token_embd.weight"] == QT[qtype]
+    assert stored["output.weight"] == QT[qtype]
     assert stored["blk.1.ffn_norm.weight"] == QT.F32
     llm = assert_matches_transformers(path)
     assert not llm.engine.loaded.config.tie_word_embeddings
@@ -154,12 +159,15 @@ def test_qwen2_matches_transformers(written, qtype):
     path, model, expected = written("qwen2", qtype)
     reader = gguf.GGUFReader(str(path))
     names = {t.name for t in reader.tensors}
-    assert "output.weight" not in names and "blk.0.attn_q.bias" in names
+    assert "output.weight" not in names
+    assert "blk.0.attn_q.bias" in names
     assert reader.fields["qwen2.rope.freq_base"].contents() == 50000.0
     llm = assert_matches_transformers(path)
     cfg = llm.engine.loaded.config
-    assert cfg.tie_word_embeddings and cfg.attention_bias
-    assert cfg.rms_norm_eps == pytest.approx(1e-5) and cfg.rope.theta == 50000.0
+    assert cfg.tie_word_embeddings
+    assert cfg.attention_bias
+    assert cfg.rms_norm_eps == pytest.approx(1e-5)
+    assert cfg.rope.theta == 50000.0
     assert llm.engine.loaded.model.lm_head is None
     assert_weights_equal(llm, expected)
     if qtype == "F32":  # qwen2 rows are stored as they are: exactly the HF weights
@@ -205,11 +213,12 @@ def test_unsupported_tensor_type_is_named(written, gguf_dir, bad_type):
     _, model, _ = written("llama", "F32")
     path = gguf_dir / f"bad-type-{bad_type}.gguf"
     write_gguf(model, path, QT.F32, type_overrides={"blk.1.attn_v.weight": QT[bad_type]})
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match=r"blk\.1\.attn_v\.weight") as err:
         load_lamina(path)
     msg = str(err.value)
-    assert "blk.1.attn_v.weight" in msg and bad_type in msg
-    assert "accepted" in msg and all(t in msg for t in ("F32", "Q8_0", "Q4_K", "Q6_K"))
+    assert bad_type in msg
+    assert "accepted" in msg
+    assert all(t in msg for t in ("F32", "Q8_0", "Q4_K", "Q6_K"))
 
 
 def test_q8_k_is_refused_by_name(written, gguf_dir):
@@ -225,10 +234,10 @@ def test_unsupported_architecture_is_named(written, gguf_dir, arch):
     _, model, _ = written("llama", "F32")
     path = gguf_dir / f"bad-arch-{arch}.gguf"
     write_gguf(model, path, QT.F32, architecture=arch)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match=repr(arch)) as err:
         load_lamina(path)
     msg = str(err.value)
-    assert repr(arch) in msg and "architecture" in msg
+    assert "architecture" in msg
     assert all(a in msg for a in ("llama", "qwen2"))
 
 

@@ -21,7 +21,8 @@ def test_evict_keeps_recent_and_heavy_hitters():
     assert state.positions == [0, 2, 5, 6, 7]  # heavy 0 and 2, recent 5-7
     assert sorted(state.holes) == [21, 23, 24]
     policy.assign(state, table, range(8, 10))  # new tokens fill holes first
-    assert state.slots[-2:] == [24, 23] and state.fresh_used == 8
+    assert state.slots[-2:] == [24, 23]
+    assert state.fresh_used == 8
 
 
 def test_budget_covering_everything_equals_dense(tiny_model_factory, assert_retention_equals_dense):

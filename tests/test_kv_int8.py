@@ -14,7 +14,8 @@ def test_quantize_int8_round_trip_error():
     torch.manual_seed(0)
     x = torch.randn(50, 3, 64) * torch.rand(50, 3, 1) * 10
     q, scale = quantize_int8(x)
-    assert q.dtype == torch.int8 and scale.shape == (50, 3)
+    assert q.dtype == torch.int8
+    assert scale.shape == (50, 3)
     err = (q.float() * scale.unsqueeze(-1) - x).abs()
     assert bool((err <= scale.unsqueeze(-1) / 2 + 1e-6).all())  # half a step at most
 

@@ -33,7 +33,9 @@ def test_packed_equals_f_linear_and_is_batch_invariant(dtype, bias):
     weight = lin.weight.detach().clone()
     x = torch.randn(37, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
     ref = F.linear(x.double(), weight.double(), None if lin.bias is None else lin.bias.double())
-    assert lin.pack() and lin.weight.numel() == 0 and "packed" in repr(lin)
+    assert lin.pack()
+    assert lin.weight.numel() == 0
+    assert "packed" in repr(lin)
     out = lin(x)
     tol = 1e-4 if dtype == torch.float32 else 0.05
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
@@ -44,14 +46,16 @@ def test_packed_equals_f_linear_and_is_batch_invariant(dtype, bias):
         torch.testing.assert_close(lin(x[rows]), out[rows], rtol=tol / 10, atol=tol / 10)
     assert torch.equal(lin.dense_weight(), weight)
     lin.unpack()
-    assert lin.packed is None and torch.equal(lin.weight, weight)
+    assert lin.packed is None
+    assert torch.equal(lin.weight, weight)
     torch.testing.assert_close(lin(x).double(), ref, atol=tol, rtol=tol)
 
 
 def test_unsupported_dtype_stays_row_major():
     lin = _linear(torch.float16, False)
     assert not lin.pack()
-    assert lin.packed is None and lin.weight.shape == (160, 96)
+    assert lin.packed is None
+    assert lin.weight.shape == (160, 96)
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "llama_tied", "qwen2_bias"])
@@ -61,7 +65,8 @@ def test_engine_packs_by_default_and_matches_the_row_major_model(tiny_model_fact
     packed, plain = LLM(str(folder), **common), LLM(str(folder), pack_weights=False, **common)
     net = packed.engine.loaded.model
     layer = net.layers[0]
-    assert layer.self_attn.qkv_proj.packed is not None and layer.mlp.down_proj.packed is not None
+    assert layer.self_attn.qkv_proj.packed is not None
+    assert layer.mlp.down_proj.packed is not None
     assert net.packed_lm_head is not None
     assert plain.engine.loaded.model.layers[0].mlp.down_proj.packed is None
     prompt = list(range(5, 40))

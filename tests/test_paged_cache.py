@@ -48,10 +48,13 @@ def test_slot_mapping_and_block_table_layout():
     # seq 0: positions 0..2 in block 5 -> slots 20, 21, 22; seq 1: position 5 in block 7 -> 29
     assert meta.slot_mapping.tolist() == [20, 21, 22, 29]
     assert meta.block_tables.tolist() == [[5, 0], [2, 7]]
-    assert meta.decode_ids == [1] and meta.prefill_ids == [0]
-    assert meta.decode_buckets is not None and len(meta.decode_buckets) == 1
+    assert meta.decode_ids == [1]
+    assert meta.prefill_ids == [0]
+    assert meta.decode_buckets is not None
+    assert len(meta.decode_buckets) == 1
     group = meta.decode_buckets[0]
-    assert group.rows.tolist() == [3] and group.mask.sum().item() == 6
+    assert group.rows.tolist() == [3]
+    assert group.mask.sum().item() == 6
     assert group.block_tables.tolist() == [[2, 7]]
 
 
@@ -85,5 +88,6 @@ def test_decode_buckets_group_similar_context_lengths():
             assert table[: len(want)] == want
     assert not any(b.all_rows for b in buckets)
     same = AttentionMetadata.build([1, 1], [8, 8], [[1, 2], [3, 4]], block_size=4)
-    assert len(same.decode_buckets) == 1 and same.decode_buckets[0].all_rows
+    assert len(same.decode_buckets) == 1
+    assert same.decode_buckets[0].all_rows
     assert torch.equal(same.decode_buckets[0].rows, torch.tensor([0, 1]))

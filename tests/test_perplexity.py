@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def tiny(tiny_model_factory):
 
 
 @pytest.mark.parametrize(
-    "length, context, stride",
+    ("length", "context", "stride"),
     [
         (300, 64, 32),  # overlapping windows
         (300, 64, 64),  # disjoint windows
@@ -76,7 +77,8 @@ def test_equals_transformers_recipe(tiny, length, context, stride):
     assert res.nll_sum == pytest.approx(ref_nll, rel=1e-3)
     assert math.exp(res.nll_sum / res.tokens_scored) == pytest.approx(res.ppl, rel=1e-12)
     assert res.windows == len(sliding_windows(length, context, stride))
-    assert res.seconds > 0 and res.tokens_per_s > 0
+    assert res.seconds > 0
+    assert res.tokens_per_s > 0
     llm.engine.block_manager.check_all_free()
 
 
@@ -98,7 +100,8 @@ def test_text_ids_and_max_tokens(tiny):
     ids = llm.engine.tokenizer.encode(text)
     by_text = perplexity(llm, text, context_length=32, stride=16, progress=False)
     by_ids = perplexity(llm, ids, context_length=32, stride=16, progress=False)
-    assert by_text.ppl == by_ids.ppl and by_text.tokens_scored == by_ids.tokens_scored
+    assert by_text.ppl == by_ids.ppl
+    assert by_text.tokens_scored == by_ids.tokens_scored
     cut = perplexity(llm, text, context_length=32, stride=16, max_tokens=40, progress=False)
     assert cut.ppl == perplexity(llm, ids[:40], context_length=32, stride=16, progress=False).ppl
     # default window: the engine's limit (max_model_len - 1), default stride half of it
@@ -112,21 +115,22 @@ def test_a_last_window_of_one_token_is_skipped(tiny):
     assert sliding_windows(65, 64, 64)[-1] == (64, 65, 1)
     res = perplexity(llm, ids, context_length=64, stride=64, progress=False)
     only = perplexity(llm, ids[:64], context_length=64, stride=64, progress=False)
-    assert res.ppl == only.ppl and res.tokens_scored == 63
+    assert res.ppl == only.ppl
+    assert res.tokens_scored == 63
 
 
 @pytest.mark.parametrize(
-    "kwargs, words",
+    ("kwargs", "words"),
     [
-        (dict(context_length=256), ["max_model_len", "255"]),
-        (dict(context_length=1), ["context_length", ">= 2"]),
-        (dict(context_length=8, stride=0), ["stride"]),
-        (dict(max_tokens=1), ["at least 2 tokens"]),
+        ({"context_length": 256}, ["max_model_len", "255"]),
+        ({"context_length": 1}, ["context_length", ">= 2"]),
+        ({"context_length": 8, "stride": 0}, ["stride"]),
+        ({"max_tokens": 1}, ["at least 2 tokens"]),
     ],
 )
 def test_bad_arguments_are_named(tiny, kwargs, words):
     _, _, llm = tiny
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match=re.escape(words[0])) as err:
         perplexity(llm, _ids(50), progress=False, **kwargs)
     for word in words:
         assert word in str(err.value)
@@ -141,10 +145,13 @@ def test_cli_on_a_text_file(tiny, tmp_path, capsys):
     args = parser.parse_args(
         ["ppl", "--model", str(folder), "--file", str(text_file), "--context-length", "64"]
     )
-    assert args.func is cmd_ppl and args.stride is None
+    assert args.func is cmd_ppl
+    assert args.stride is None
     assert cmd_ppl(args) == 0
     out = capsys.readouterr().out
-    assert "perplexity:" in out and "tokens scored:" in out and "tokens/s" in out
+    assert "perplexity:" in out
+    assert "tokens scored:" in out
+    assert "tokens/s" in out
     assert "stride 32" in out
 
 
@@ -165,9 +172,12 @@ needs_corpus = pytest.mark.skipif(
 @needs_corpus
 def test_corpus_loads_plays():
     names = corpus.available_texts()
-    assert len(names) >= 70 and "hamlet_gut" in names and "metadata" not in names
+    assert len(names) >= 70
+    assert "hamlet_gut" in names
+    assert "metadata" not in names
     text = corpus.load_corpus()
-    assert text.startswith("HAMLET, PRINCE OF DENMARK") and "MACBETH" in text
+    assert text.startswith("HAMLET, PRINCE OF DENMARK")
+    assert "MACBETH" in text
     assert len(text) > 500_000
     assert corpus.load_corpus(["hamlet"]) == corpus.load_corpus(["hamlet_gut"])
     with pytest.raises(ValueError, match="available: "):

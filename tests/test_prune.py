@@ -88,7 +88,8 @@ def test_nm_mask_keeps_the_top_n_of_every_m():
 def test_layer_mask_is_exact_with_ties():
     score = torch.randint(0, 5, (30, 40), generator=torch.Generator().manual_seed(2)).float()
     mask = layer_mask(score, 0.5)
-    assert mask.sum() == 600 and score[mask].max() <= score[~mask].min()
+    assert mask.sum() == 600
+    assert score[mask].max() <= score[~mask].min()
 
 
 def test_wanda_keeps_a_small_weight_on_a_loud_channel():
@@ -110,7 +111,9 @@ def test_sparsity_patterns_and_untouched_parameters(tiny_model_factory, method):
     dense = load_model(folder, "float32").model
     model = copy.deepcopy(dense)
     cfg = prune_model(model, method, CALIB, sparsity=0.5, group="row", progress=False)
-    assert cfg.method == method and cfg.sparsity == 0.5 and cfg.group == "row"
+    assert cfg.method == method
+    assert cfg.sparsity == 0.5
+    assert cfg.group == "row"
     assert len(linears(model)) == 4 * len(model.layers)  # qkv, o, gate_up, down
     for name, lin in linears(model).items():
         zeros = (lin.weight == 0).sum(1)
@@ -127,7 +130,8 @@ def test_sparsity_patterns_and_untouched_parameters(tiny_model_factory, method):
 
     model = copy.deepcopy(dense)
     cfg = prune_model(model, method, CALIB, n_m=(2, 4), progress=False)
-    assert cfg.n_m == "2:4" and cfg.sparsity == 0.5
+    assert cfg.n_m == "2:4"
+    assert cfg.sparsity == 0.5
     for lin in linears(model).values():
         groups = (lin.weight == 0).view(lin.out_features, -1, 4).sum(2)
         assert torch.all(groups >= 2)
@@ -137,13 +141,15 @@ def test_magnitude_layer_group_prunes_each_unfused_matrix_by_half(tiny_model_fac
     folder, _ = tiny_model_factory("llama_gqa")
     model = load_model(folder, "float32").model
     cfg = prune_model(model, "magnitude", sparsity=0.5, progress=False)
-    assert cfg.group == "layer" and cfg.calib_tokens is None
+    assert cfg.group == "layer"
+    assert cfg.calib_tokens is None
     c = model.config
     qkv = model.layers[0].self_attn.qkv_proj.weight
     for shard in qkv.split([c.q_size, c.kv_size, c.kv_size]):
         assert (shard == 0).sum() == shard.numel() // 2
     rows = (model.layers[0].mlp.down_proj.weight == 0).sum(1)
-    assert rows.sum() == rows.numel() * 64 and rows.min() < rows.max()  # not per row
+    assert rows.sum() == rows.numel() * 64
+    assert rows.min() < rows.max()
 
 
 def test_layer_by_layer_pass_sees_what_the_full_forward_sees(tiny_model_factory):
@@ -188,7 +194,7 @@ def kl(ref: torch.Tensor, logits: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(
     ("kwargs", "margin"),
-    [(dict(sparsity=0.5), 0.6), (dict(n_m=(2, 4)), 0.8)],
+    [({"sparsity": 0.5}, 0.6), ({"n_m": (2, 4)}, 0.8)],
     ids=["unstructured", "2:4"],
 )
 def test_wanda_beats_magnitude_on_outlier_channels(planted, kwargs, margin):
@@ -220,8 +226,10 @@ def test_checkpoint_reloads_in_lamina_and_transformers(tiny_model_factory, tmp_p
     out = save_pruned(loaded.model, loaded.config, loaded.tokenizer, tmp_path / "p")
 
     block = pruning_config_of(out)
-    assert block["method"] == "wanda" and block["n_m"] == "2:4"
-    assert block["structure"] == "n:m" and block["calib_tokens"] == 288
+    assert block["method"] == "wanda"
+    assert block["n_m"] == "2:4"
+    assert block["structure"] == "n:m"
+    assert block["calib_tokens"] == 288
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
     assert set(hf_state(loaded.model)) == {  # unfused Hugging Face names only
         k for k in hf_model.state_dict() if not k.endswith("rotary_emb.inv_freq")
@@ -279,8 +287,10 @@ def test_cli_prune(tiny_model_factory, tmp_path):
     )  # fmt: skip
     assert args.func(args) == 0
     block = pruning_config_of(out)
-    assert block["n_m"] == "2:4" and block["calib_tokens"] == 300
-    assert block["calib_sequences"] == 3 and block["sequential"] is True
+    assert block["n_m"] == "2:4"
+    assert block["calib_tokens"] == 300
+    assert block["calib_sequences"] == 3
+    assert block["sequential"] is True
     assert sparsity_of(load_model(out, "float32").model) == 0.5
     out2 = tmp_path / "mag"
     args = parser.parse_args(["prune", "--method", "magnitude", "--model", str(folder),

@@ -63,11 +63,13 @@ def test_int8_matches_float_within_theory():
     assert rel(dequantize_per_channel(q, s), w) == pytest.approx(theory, rel=0.1)
     lin = Int8Linear.from_float(w, b)
     y = lin(x)
-    assert y.shape == (2, 5, 96) and y.dtype == torch.float32
+    assert y.shape == (2, 5, 96)
+    assert y.dtype == torch.float32
     assert rel(y, x @ w.t() + b) < theory + BF16_SLACK
     # the kernel computes exactly the stored weight (up to bfloat16 activations)
     assert rel(y, x @ dequantize_per_channel(q, s).t() + b) < BF16_SLACK
-    assert q.abs().max() <= 127 and s.dtype == torch.bfloat16
+    assert q.abs().max() <= 127
+    assert s.dtype == torch.bfloat16
 
 
 def test_int8_single_row_and_state_round_trip():
@@ -75,7 +77,8 @@ def test_int8_single_row_and_state_round_trip():
     lin = Int8Linear.from_float(w, None)
     other = Int8Linear(128, 64, bias=False)
     other.load_state_tensors({k: v.clone() for k, v in lin.state_tensors().items()})
-    assert torch.equal(other.qweight, lin.qweight) and torch.equal(other.scales, lin.scales)
+    assert torch.equal(other.qweight, lin.qweight)
+    assert torch.equal(other.scales, lin.scales)
     assert torch.equal(other(x), lin(x))
 
 
@@ -113,7 +116,8 @@ def test_int4_kernel_zero_point_convention():
 def test_int4_pack_unpack_round_trips_exact():
     q = torch.randint(0, 16, (48, 256), dtype=torch.uint8, generator=torch.Generator())
     packed = pack_nibbles(q)
-    assert packed.shape == (48, 128) and packed.dtype == torch.uint8
+    assert packed.shape == (48, 128)
+    assert packed.dtype == torch.uint8
     assert torch.equal(unpack_nibbles(packed), q)
     assert torch.equal(from_kernel_layout(to_kernel_layout(q), 256, 64), q)
     assert torch.equal(from_kernel_layout(to_kernel_layout(q), 256, 64, chunk=96), q)
@@ -129,7 +133,8 @@ def test_int4_padding_and_state_round_trip():
     assert rel(y, x @ lin.dequantized().t() + b) < BF16_SLACK
     assert rel(y, x @ w.t() + b) < 0.12
     state = lin.state_tensors()
-    assert state["qweight"].shape == (48, 64) and state["scales"].shape == (48, 2)
+    assert state["qweight"].shape == (48, 64)
+    assert state["scales"].shape == (48, 2)
     other = Int4Linear(100, 40, True, group_size=64)
     other.load_state_tensors({k: v.clone() for k, v in state.items()})
     assert torch.equal(other.qweight, lin.qweight)
@@ -154,13 +159,17 @@ def test_awq_beats_rtn_with_activation_outliers(group_size):
     w = rand(128, 256)
     calib, held_out = outlier_acts(512, 256, 1), outlier_acts(256, 256, 2)
     s, alpha, errors = search_scale(w, calib, calib.abs().mean(0), group_size, n_grid=20)
-    assert len(errors) == 20 and alpha > 0 and min(errors) < errors[0]  # errors[0]: RTN
+    assert len(errors) == 20
+    assert alpha > 0
+    assert min(errors) < errors[0]
     ref = held_out @ w.t()
     rtn_err = rel(held_out @ _fake_quant(w, group_size).t(), ref)
     awq_err = rel(held_out @ (_fake_quant(w * s, group_size) / s).t(), ref)
     assert awq_err < 0.7 * rtn_err
     clip = search_clip(w * s, calib / s, group_size)
-    assert clip.shape == (128, 256 // group_size) and clip.min() >= 0.5 and clip.max() <= 1
+    assert clip.shape == (128, 256 // group_size)
+    assert clip.min() >= 0.5
+    assert clip.max() <= 1
     clipped = Int4Linear.from_float(w * s, None, group_size, clip).dequantized() / s
     assert rel(held_out @ clipped.t(), ref) < awq_err * 1.02  # clipping does not hurt
 
@@ -184,7 +193,8 @@ def test_w8a8_matches_float_without_outliers():
     y = lin(x)
     assert y.shape == (1, 3, 96)
     xq, sx = quantize_per_token(x.reshape(-1, 256))
-    assert xq.dtype == torch.int8 and sx.shape == (3, 1)
+    assert xq.dtype == torch.int8
+    assert sx.shape == (3, 1)
     assert rel(y, x @ w.t() + b) < 0.015  # two int8 roundings: ~0.8% each in quadrature
     other = W8A8Linear(256, 96, True)
     other.load_state_tensors({k: v.clone() for k, v in lin.state_tensors().items()})
@@ -199,7 +209,8 @@ def test_smoothquant_rescues_w8a8_from_activation_outliers():
     s = smooth_scales(x.abs().amax(0), w, alpha=0.5)
     torch.testing.assert_close((x / s) @ (w * s).t(), ref, rtol=1e-4, atol=1e-3)  # exact in float
     smoothed = rel(W8A8Linear.from_float(w * s, None)(x / s), ref)
-    assert smoothed < naive / 3 and smoothed < 0.01
+    assert smoothed < naive / 3
+    assert smoothed < 0.01
     # s balances the ranges: per channel, max|X_j / s_j| == max|W_j * s_j| at alpha = 0.5
     torch.testing.assert_close((x / s).abs().amax(0), (w * s).abs().amax(0), rtol=1e-4, atol=1e-6)
 

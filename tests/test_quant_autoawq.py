@@ -82,7 +82,8 @@ def test_pack_unpack_round_trip_8x16():
     i, j = np.meshgrid(np.arange(8), np.arange(16), indexing="ij")
     codes = ((3 * i + 5 * j + i * j) % 16).astype(np.uint8)  # every code 0..15 appears
     packed = awq_pack(codes)
-    assert packed.shape == (8, 2) and packed.dtype == torch.int32
+    assert packed.shape == (8, 2)
+    assert packed.dtype == torch.int32
     assert np.array_equal(unpack_int4_columns(packed).numpy(), codes)
 
 
@@ -91,7 +92,8 @@ def test_int4_convention_matches_awq_formula():
     torch.manual_seed(0)
     packed, deq = awq_quantize(torch.randn(16, 64) * 0.1)
     codes, scales, zeros = awq_to_int4(packed["qweight"], packed["qzeros"], packed["scales"])
-    assert codes.shape == (16, 64) and scales.shape == zeros.shape == (16, 64 // GROUP)
+    assert codes.shape == (16, 64)
+    assert scales.shape == zeros.shape == (16, 64 // GROUP)
     ours = (codes.float() - 8).reshape(16, 2, GROUP) * scales[..., None] + zeros[..., None]
     torch.testing.assert_close(ours.reshape(16, 64), deq, rtol=1e-6, atol=1e-7)
     awq_ref = dequantize_awq(packed["qweight"], packed["qzeros"], packed["scales"], GROUP)
@@ -99,7 +101,7 @@ def test_int4_convention_matches_awq_formula():
 
 
 @pytest.mark.parametrize(
-    "qc,match",
+    ("qc", "match"),
     [
         ({"version": "gemv"}, r"version 'gemv' is not supported; accepted: \('gemm',\)"),
         ({"version": "exllama"}, r"version 'exllama'.*accepted"),
@@ -148,7 +150,7 @@ def write_awq_folder(src: Path, hf_model, out: Path, keep_float: tuple[str, ...]
 
 
 @pytest.mark.parametrize(
-    "name,keep", [("llama_gqa", ()), ("qwen2_bias", ("layers.1.self_attn.v_proj",))]
+    ("name", "keep"), [("llama_gqa", ()), ("qwen2_bias", ("layers.1.self_attn.v_proj",))]
 )
 def test_autoawq_folder_matches_dequantized_reference(tiny_model_factory, tmp_path, name, keep):
     import copy

@@ -57,7 +57,8 @@ def kernel_weight(mod: torch.nn.Module) -> torch.Tensor:
 def test_decode_is_exact(name):
     data = blocks(QT[name])
     codes = decode_blocks(data, QT[name])
-    assert codes.values.dtype == np.int8 and codes.scales.shape == (40, 256 // 32)
+    assert codes.values.dtype == np.int8
+    assert codes.scales.shape == (40, 256 // 32)
     np.testing.assert_array_equal(codes.dequantize(), reference(data, QT[name]).numpy())
 
 
@@ -68,7 +69,8 @@ def test_native_linear_matches_float(name):
     mod = native_linear(decode_blocks(data, qtype), qtype, bias=True, dtype=torch.float32)
     assert isinstance(mod, SplitInt8Linear if name in ("Q8_0", "Q5_1") else Int4Linear)
     big = [t for t in [*mod.parameters(), *mod.buffers()] if t.numel() >= 40 * 256 // 2]
-    assert big and all(t.dtype == torch.uint8 for t in big), "a float copy of the weight is kept"
+    assert big
+    assert all(t.dtype == torch.uint8 for t in big), "a float copy of the weight is kept"
     torch.manual_seed(0)
     mod.bias.data = torch.randn(40) * 0.1
     x = torch.randn(5, 256)
@@ -88,7 +90,8 @@ def test_q4_0_zero_is_exact():
     """Q4_0 maps to the kernel with zero = 0, and an unpadded row count stays as it is."""
     data = blocks(QT.Q4_0, rows=48)
     mod = native_linear(decode_blocks(data, QT.Q4_0), QT.Q4_0, bias=False, dtype=torch.bfloat16)
-    assert mod.n_pad == 48 and torch.all(mod.scales_zeros[..., 1] == 0)
+    assert mod.n_pad == 48
+    assert torch.all(mod.scales_zeros[..., 1] == 0)
 
 
 # ---- whole tiny GGUF models: native vs the float (dequantized) path -------------------------
@@ -98,7 +101,7 @@ def models():
 
 
 def both(path: Path) -> tuple[LLM, LLM]:
-    kw = dict(dtype="float32", block_size=4, num_kv_blocks=64)
+    kw = {"dtype": "float32", "block_size": 4, "num_kv_blocks": 64}
     return LLM(str(path), **kw), LLM(str(path), quantization="gguf", **kw)
 
 
@@ -124,7 +127,7 @@ def assert_greedy_agrees(ref: LLM, nat: LLM, prompt: list[int], atol: float) -> 
 
 
 @pytest.mark.parametrize(
-    "arch,name", [("llama", "Q8_0"), ("llama", "Q4_0"), ("llama", "Q4_1"), ("qwen2", "Q8_0")]
+    ("arch", "name"), [("llama", "Q8_0"), ("llama", "Q4_0"), ("llama", "Q4_1"), ("qwen2", "Q8_0")]
 )
 def test_tiny_model_native_matches_float_path(tmp_path, models, arch, name):
     path = tmp_path / f"{arch}-{name}.gguf"
@@ -148,7 +151,8 @@ def test_mixed_types_fall_back_to_float(tmp_path, models):
     net = nat.engine.loaded.model
     assert isinstance(net.layers[0].self_attn.qkv_proj, Linear)
     assert isinstance(net.layers[1].self_attn.qkv_proj, Int4Linear)
-    assert "layers.0.self_attn.qkv_proj" not in net.gguf_native and len(net.gguf_native) == 7
+    assert "layers.0.self_attn.qkv_proj" not in net.gguf_native
+    assert len(net.gguf_native) == 7
     got, want = nat.engine.prompt_logits(PROMPT), ref.engine.prompt_logits(PROMPT)
     torch.testing.assert_close(got, want, atol=0.15, rtol=0)
 
@@ -165,7 +169,8 @@ def test_bad_quantization_argument(tmp_path):
 def test_smollm2_q4_1_native(smollm2_path, smollm2_llm):
     nat = LLM(str(smollm2_path), dtype="float32", max_model_len=1024, quantization="gguf")
     net = nat.engine.loaded.model
-    assert set(net.gguf_native.values()) == {"Q4_1"} and len(net.gguf_native) == 4 * 30
+    assert set(net.gguf_native.values()) == {"Q4_1"}
+    assert len(net.gguf_native) == 4 * 30
     ids = nat.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
     got, want = nat.engine.prompt_logits(ids), smollm2_llm.engine.prompt_logits(ids)
     assert (got.argmax(-1) == want.argmax(-1)).all()
@@ -186,11 +191,13 @@ def test_tied_quantized_embedding_is_looked_up_from_its_gguf_rows(tmp_path, name
 
     path = tmp_path / "tied.gguf"
     write_gguf(make_hf_model("llama", seed=1, tie_word_embeddings=True), path, QT[name])
-    kw = dict(dtype="float32", block_size=4, num_kv_blocks=64, quantization="gguf")
+    kw = {"dtype": "float32", "block_size": 4, "num_kv_blocks": 64, "quantization": "gguf"}
     nat, dense = LLM(str(path), **kw), LLM(str(path), pack_weights=False, **kw)
     net, ref = nat.engine.loaded.model, dense.engine.loaded.model
-    assert isinstance(net.embed_lookup, GGUFRowTable) and net.embed_tokens.numel() == 0
-    assert ref.embed_lookup is None and ref.embed_tokens.numel() > 0  # unpacked: dense only
+    assert isinstance(net.embed_lookup, GGUFRowTable)
+    assert net.embed_tokens.numel() == 0
+    assert ref.embed_lookup is None
+    assert ref.embed_tokens.numel() > 0
     ids = torch.tensor([[3, 7], [200, 3]])
     assert torch.equal(net.embed(ids), ref.embed_tokens[ids])
     assert model_bytes(net) < model_bytes(ref) + 0.5 * ref.embed_tokens.numel() * 4
@@ -205,11 +212,12 @@ def test_untied_quantized_embedding_needs_no_dense_table(tmp_path):
     """Untied, the embedding only serves lookups: native mode keeps just the file's rows."""
     path = tmp_path / "untied.gguf"
     write_gguf(make_hf_model("llama", seed=2), path, QT.Q8_0)
-    kw = dict(dtype="float32", block_size=4, num_kv_blocks=64)
+    kw = {"dtype": "float32", "block_size": 4, "num_kv_blocks": 64}
     nat = LLM(str(path), quantization="gguf", **kw)
     ref = LLM(str(path), **kw)
     net = nat.engine.loaded.model
-    assert net.lm_head is not None and net.embed_tokens.numel() == 0
+    assert net.lm_head is not None
+    assert net.embed_tokens.numel() == 0
     ids = torch.tensor([5, 9, 200])
     assert torch.equal(net.embed(ids), ref.engine.loaded.model.embed_tokens[ids])
     plain = LLM(str(path), quantization="gguf", pack_weights=False, **kw)  # rows still used

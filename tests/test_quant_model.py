@@ -89,8 +89,10 @@ def test_calibration_stats(tiny_model_factory):
     stats = collect_stats(load_model(folder, "float32").model, CALIB, max_rows=50, progress=False)
     assert len(stats) == 2 * 4
     st = stats["layers.1.mlp.down_proj"]
-    assert st.count == 288 and st.absmax.shape == (128,)
-    assert 40 <= st.samples.shape[0] <= 60 and torch.all(st.absmean <= st.absmax)
+    assert st.count == 288
+    assert st.absmax.shape == (128,)
+    assert 40 <= st.samples.shape[0] <= 60
+    assert torch.all(st.absmean <= st.absmax)
 
 
 @pytest.mark.parametrize("method", ["int8", "rtn4", "awq", "smoothquant"])
@@ -109,14 +111,16 @@ def test_quantized_logits_close_and_reload_bit_identical(
 
     out = save_quantized(loaded.model, loaded.config, loaded.tokenizer, tmp_path / "q")
     block = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert block["quant_method"] == "lamina" and block["method"] == method
+    assert block["quant_method"] == "lamina"
+    assert block["method"] == method
     assert block["bits"] == (4 if method in ("rtn4", "awq") else 8)
     assert block["group_size"] == (32 if method in ("rtn4", "awq") else None)
     assert quant_config_of(out) == cfg
 
     again = load_model(out, "float32")
     a, b = quantized_state(loaded.model), quantized_state(again.model)
-    assert a and a.keys() == b.keys()
+    assert a
+    assert a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(forward_logits(again.model, PROMPT), logits)
 
@@ -132,7 +136,8 @@ def test_bfloat16_model_quantizes_and_reloads(tiny_model_factory, float_logits, 
     again = load_model(out, "bfloat16")
     assert again.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
     a, b = quantized_state(loaded.model), quantized_state(again.model)
-    assert a and a.keys() == b.keys()
+    assert a
+    assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(forward_logits(again.model, PROMPT), logits)
 
@@ -194,7 +199,7 @@ def test_missing_tensor_is_named(tiny_model_factory, tmp_path):
     tensors = load_file(str(out / "model.safetensors"))
     del tensors["layers.1.mlp.down_proj.scales"]
     save_file(tensors, str(out / "model.safetensors"))
-    with pytest.raises(ValueError, match="layers.1.mlp.down_proj.scales"):
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj\.scales"):
         load_model(out, "float32")
 
 
@@ -211,7 +216,9 @@ def test_cli_quantize(tiny_model_factory, tmp_path):
     )  # fmt: skip
     assert args.func(args) == 0
     cfg = quant_config_of(out)
-    assert cfg is not None and cfg.method == "awq" and cfg.options["calib_tokens"] == 300
+    assert cfg is not None
+    assert cfg.method == "awq"
+    assert cfg.options["calib_tokens"] == 300
     assert isinstance(load_model(out, "float32").model.layers[0].self_attn.o_proj, Int4Linear)
     missing = parser.parse_args(["quantize", "--method", "smoothquant", "--out", str(out)])
     with pytest.raises(SystemExit, match="--calib"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -199,7 +200,8 @@ def test_dynamic_with_rope_len_equals_transformers_single_forward(length):
     torch.testing.assert_close(our_k, ref_k, rtol=1e-5, atol=1e-5)
     # a later chunk alone reads the same table rows: bitwise equal
     tail_q, tail_k = rot(positions[-30:], q[-30:], k[-30:], rope_lens=lens[-30:])
-    assert torch.equal(tail_q, our_q[-30:]) and torch.equal(tail_k, our_k[-30:])
+    assert torch.equal(tail_q, our_q[-30:])
+    assert torch.equal(tail_k, our_k[-30:])
     # the trained base when no length (or one within L0) is given
     plain = rot_default(q, k, positions, head_dim)
     assert torch.equal(rot(positions, q, k)[1], plain[1])
@@ -228,7 +230,8 @@ def test_dynamic_is_per_sequence_in_a_mixed_batch():
     for pos, n in parts:
         sl = slice(start, start + len(pos))
         alone = rot(pos, q[sl], k[sl], rope_lens=torch.full((len(pos),), n))
-        assert torch.equal(both[0][sl], alone[0]) and torch.equal(both[1][sl], alone[1])
+        assert torch.equal(both[0][sl], alone[0])
+        assert torch.equal(both[1][sl], alone[1])
         start += len(pos)
     plain = rot_default(q[:10], k[:10], parts[0][0], head_dim)
     assert torch.equal(both[0][:10], plain[0])
@@ -262,19 +265,21 @@ def test_from_user_accepts_json_and_dicts():
     assert yarn.low_freq_factor == RopeConfig.low_freq_factor  # llama3 fields do not carry over
     assert yarn.original_max_position_embeddings == 8192  # the pretraining length does
     same = RopeConfig.from_user({"rope_type": "llama3", "factor": 16}, BASE)
-    assert same.factor == 16 and same.original_max_position_embeddings == 8192
+    assert same.factor == 16
+    assert same.original_max_position_embeddings == 8192
     assert RopeConfig.from_user({"rope_type": "default"}, BASE).rope_type == "default"
     ntk = RopeConfig.from_user(
         {"rope_type": "ntk", "factor": 2}, RopeConfig(rope_type="ntk", alpha=3.0)
     )
-    assert ntk.alpha is None and ntk.factor == 2
+    assert ntk.alpha is None
+    assert ntk.factor == 2
     # round trip through the transformers dict
     for cfg in (rope, yarn, same):
         assert RopeConfig.from_hf({"rope_parameters": cfg.to_hf()}) == cfg
 
 
 @pytest.mark.parametrize(
-    "spec, words",
+    ("spec", "words"),
     [
         ("{not json", ["not valid JSON"]),
         ("[1, 2]", ["JSON object"]),
@@ -296,7 +301,7 @@ def test_from_user_accepts_json_and_dicts():
     ],
 )
 def test_from_user_rejects_bad_input_by_name(spec, words):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match=re.escape(words[0])) as err:
         RopeConfig.from_user(spec, BASE)
     for word in words:
         assert word in str(err.value), str(err.value)
@@ -309,7 +314,8 @@ def test_from_hf_yarn_factor_from_lengths():
         "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 2048},
     }
     rope = RopeConfig.from_hf(json.loads(json.dumps(cfg)))
-    assert rope.rope_type == "yarn" and rope.factor == 4.0
+    assert rope.rope_type == "yarn"
+    assert rope.factor == 4.0
 
 
 # ---- end to end through the engine ------------------------------------------------------------

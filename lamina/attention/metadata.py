@@ -116,8 +116,11 @@ class AttentionMetadata:
         for qlen, ctx, table in zip(query_lens, context_lens, block_tables):
             starts.append(pos)
             pos += qlen
-            for p in range(ctx - qlen, ctx) if slot_mapping is None else ():
-                slots.append(table[p // block_size] * block_size + p % block_size)
+            if slot_mapping is None:
+                slots.extend(
+                    table[p // block_size] * block_size + p % block_size
+                    for p in range(ctx - qlen, ctx)
+                )
         width = max((len(t) for t in block_tables), default=1) or 1
         padded = [t + [0] * (width - len(t)) for t in block_tables]
         decode_ids = [i for i, q in enumerate(query_lens) if q == 1]

@@ -202,9 +202,9 @@ class OutputProcessor:
                     seq.text = seq.text[:at]
                     seq.finish("stop", stop)
                     return
-        if params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens:
-            seq.finish("length")
-        elif seq.num_tokens >= self.max_model_len:
+        if (
+            params.max_tokens is not None and len(seq.output_token_ids) >= params.max_tokens
+        ) or seq.num_tokens >= self.max_model_len:
             seq.finish("length")
         if seq.is_finished:
             # A character cut off by the token limit is dropped, not shown as U+FFFD.

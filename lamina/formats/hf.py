@@ -61,7 +61,7 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs streamed from memory-mapped safetensors files."""
     for file in safetensors_files(folder):
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 yield name, f.get_tensor(name)
 
 

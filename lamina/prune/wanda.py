@@ -64,7 +64,7 @@ def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().float() * input_norm.float()[None, :]
 
 
-def _scratch_cache(model: LlamaForCausalLM, n: int, block_size: int = 16):  # noqa: ANN202
+def _scratch_cache(model: LlamaForCausalLM, n: int, block_size: int = 16):
     """A throwaway paged KV cache and prefill metadata for one n-token sequence."""
     blocks = -(-n // block_size)
     cache = KVCache(model.config, blocks, block_size, model.dtype)
@@ -93,7 +93,7 @@ def _input_norms(
     """||X_j||_2 over all tokens for every linear of layer i, and the layer's outputs."""
     sumsq: dict[str, torch.Tensor] = {}
 
-    def hook(name: str):  # noqa: ANN202
+    def hook(name: str):
         def fn(mod: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].reshape(-1, mod.in_features).float()
             sumsq[name] = sumsq.get(name, 0) + x.square().sum(0, dtype=torch.float64)

@@ -118,7 +118,7 @@ class _Tensors:
         self.where: dict[str, Any] = {}
         for file in hf.safetensors_files(folder):
             handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            self.where.update({name: handle for name in handle.keys()})
+            self.where.update(dict.fromkeys(handle.keys(), handle))
 
     def __contains__(self, name: str) -> bool:
         return name in self.where

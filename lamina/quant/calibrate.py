@@ -64,7 +64,7 @@ def split_ids(calib_ids: list[list[int]], seq_len: int) -> list[list[int]]:
     return [s[i : i + seq_len] for s in calib_ids for i in range(0, len(s), seq_len) if s[i:]]
 
 
-def calib_ids_from_text(tokenizer, text: str, num_tokens: int, seq_len: int) -> list[list[int]]:  # noqa: ANN001
+def calib_ids_from_text(tokenizer, text: str, num_tokens: int, seq_len: int) -> list[list[int]]:
     """The first num_tokens tokens of text, in sequences of seq_len."""
     ids = tokenizer.encode(text)[:num_tokens]
     if not ids:
@@ -92,7 +92,7 @@ def collect_stats(
     stats: dict[str, ActStats] = {}
     offset = [0]  # token index of the current sequence's first token
 
-    def make_hook(name: str, k: int):  # noqa: ANN202
+    def make_hook(name: str, k: int):
         st = ActStats(torch.zeros(k), torch.zeros(k, dtype=torch.float64))
         stats[name] = st
 

@@ -60,7 +60,8 @@ def scale_groups(
     mha = c.num_key_value_heads == c.num_attention_heads
     v_rows = model.layout.slot("self_attn.v_proj")  # in qkv_proj
     up_rows = model.layout.slot("mlp.up_proj")  # in gate_up_proj
-    assert v_rows is not None and up_rows is not None
+    assert v_rows is not None
+    assert up_rows is not None
     groups: list[ScaleGroup] = []
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}."

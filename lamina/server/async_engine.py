@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import queue
@@ -37,15 +38,15 @@ _STOP = object()
 _POLL_SECONDS = 0.2  # how often a non-streaming request checks that its client is still there
 
 
-class EngineClosed(RuntimeError):
+class EngineClosedError(RuntimeError):
     """The server is shutting down and takes no new requests."""
 
 
-class EngineOverloaded(RuntimeError):
+class EngineOverloadedError(RuntimeError):
     """Too many requests are already queued."""
 
 
-class ClientDisconnected(Exception):
+class ClientDisconnectedError(Exception):
     """The HTTP client went away while its request ran."""
 
 
@@ -99,7 +100,7 @@ class RequestStream:
         self.closed = False
 
     def watch(self, is_disconnected: Callable[[], Awaitable[bool]]) -> None:
-        """Poll this while waiting, and stop with ClientDisconnected when it says so (for
+        """Poll this while waiting, and stop with ClientDisconnectedError when it says so (for
         non-streaming responses, where nothing else notices a client leaving)."""
         self._poll = is_disconnected
 
@@ -111,7 +112,7 @@ class RequestStream:
             if now - self._polled >= _POLL_SECONDS:
                 self._polled = now
                 if await self._poll():
-                    raise ClientDisconnected()
+                    raise ClientDisconnectedError()
             try:
                 return await asyncio.wait_for(self._queue.get(), timeout=_POLL_SECONDS)
             except asyncio.TimeoutError:
@@ -196,7 +197,7 @@ class AsyncEngine:
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between steps and return its result."""
         if self._thread is None:
-            raise EngineClosed("the engine is not running")
+            raise EngineClosedError("the engine is not running")
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def run() -> None:
@@ -211,12 +212,12 @@ class AsyncEngine:
 
     async def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
         """Queue one engine request per prompt. Raises ValueError (nothing is left queued) if
-        the engine rejects any of them, EngineClosed / EngineOverloaded when it cannot take
-        them. The caller must close() the stream."""
+        the engine rejects any of them, EngineClosedError / EngineOverloadedError when it
+        cannot take them. The caller must close() the stream."""
         if self._closing or self._thread is None:
-            raise EngineClosed("the server is shutting down")
+            raise EngineClosedError("the server is shutting down")
         if self._num_open + len(prompts) > self.max_pending_requests:
-            raise EngineOverloaded(
+            raise EngineOverloadedError(
                 f"{self._num_open} requests are in flight (limit {self.max_pending_requests})"
             )
         tag = next(self._ids)
@@ -258,7 +259,8 @@ class AsyncEngine:
             try:
                 if not self._iterate():
                     return
-            except Exception:  # never let the engine thread die with requests waiting on it
+            # the engine thread must never die with requests waiting on it
+            except Exception:  # noqa: PERF203
                 logger.exception("engine loop failed; aborting every request in flight")
                 self._abort_all(error=RuntimeError("internal engine error"))
 
@@ -343,10 +345,9 @@ class AsyncEngine:
                 stream._queue.put_nowait(item if index < 0 else (index, item))
 
         if self._loop is not None and not self._loop.is_closed():
-            try:
+            # the loop may close meanwhile: then nobody is waiting any more
+            with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(put)
-            except RuntimeError:  # the loop closed meanwhile: nobody is waiting any more
-                pass
 
     def _take_snapshot(self) -> None:
         e = self.engine

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lamina.server.async_engine import ClientDisconnected
+from lamina.server.async_engine import ClientDisconnectedError
 
 logger = logging.getLogger("lamina.server")
 
@@ -39,7 +39,7 @@ class APIError(Exception):
         message: str,
         status: int = 400,
         *,
-        type: str | None = None,  # noqa: A002 - OpenAI's field name
+        type: str | None = None,
         param: str | None = None,
         code: str | None = None,
     ) -> None:
@@ -104,8 +104,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = str(exc.detail) if exc.detail else HTTPStatus(status).phrase
         return APIError(message, status).response()
 
-    @app.exception_handler(ClientDisconnected)
-    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+    @app.exception_handler(ClientDisconnectedError)
+    async def _gone(request: Request, exc: ClientDisconnectedError) -> Response:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     @app.exception_handler(Exception)

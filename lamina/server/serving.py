@@ -14,7 +14,12 @@ from starlette.types import Receive, Scope, Send
 
 from lamina.outputs import CompletionOutput, Logprob, RequestOutput
 from lamina.sampling_params import SamplingParams
-from lamina.server.async_engine import AsyncEngine, EngineClosed, EngineOverloaded, RequestStream
+from lamina.server.async_engine import (
+    AsyncEngine,
+    EngineClosedError,
+    EngineOverloadedError,
+    RequestStream,
+)
 from lamina.server.errors import APIError, from_value_error
 from lamina.server.metrics import ServerMetrics
 from lamina.server.protocol import (
@@ -118,20 +123,20 @@ class Serving:
                     f"{name} has token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})",
                     param=name,
                 )
-        kwargs: dict[str, Any] = dict(
-            n=req.n,
-            best_of=best_of,
-            max_tokens=max_tokens,
-            stop=req.stop,
-            seed=req.seed,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            min_tokens=req.min_tokens,
-            stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos,
-            skip_special_tokens=req.skip_special_tokens,
-            logit_bias=bias,
-        )
+        kwargs: dict[str, Any] = {
+            "n": req.n,
+            "best_of": best_of,
+            "max_tokens": max_tokens,
+            "stop": req.stop,
+            "seed": req.seed,
+            "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
+            "min_tokens": req.min_tokens,
+            "stop_token_ids": req.stop_token_ids,
+            "ignore_eos": req.ignore_eos,
+            "skip_special_tokens": req.skip_special_tokens,
+            "logit_bias": bias,
+        }
         for name in (
             "temperature",
             "top_p",
@@ -153,9 +158,9 @@ class Serving:
             stream = await self.engine.submit(prompts, params)
         except ValueError as e:
             raise from_value_error(e, "prompt") from None
-        except EngineClosed as e:
+        except EngineClosedError as e:
             raise APIError(str(e), 503) from None
-        except EngineOverloaded as e:
+        except EngineOverloadedError as e:
             raise APIError(f"the server is busy: {e}; retry later", 503) from None
         self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         return stream
@@ -260,7 +265,7 @@ async def collect(stream: RequestStream) -> dict[int, RequestOutput | None]:
     last: dict[int, RequestOutput | None] = dict.fromkeys(range(len(stream.ids)))
     async for i, out in stream:
         if out is not None:
-            last[i] = out
+            last[i] = out  # noqa: PERF403 - an async stream, consumed as it arrives
     return last
 
 

@@ -28,8 +28,10 @@ def test_grow_takes_blocks_in_order_and_counts_them():
     assert [bm.ref_counts[b] for b in range(6)] == [1, 1, 1, 0, 0, 0]
     assert (bm.num_used_blocks, bm.num_free_blocks) == (3, 3)
     assert bm.peak_used_blocks == 3
-    assert bm.can_grow(table, 24) and not bm.can_grow(table, 25)
-    assert bm.can_grow(table, 16, extra=2) and not bm.can_grow(table, 16, extra=3)
+    assert bm.can_grow(table, 24)
+    assert not bm.can_grow(table, 25)
+    assert bm.can_grow(table, 16, extra=2)
+    assert not bm.can_grow(table, 16, extra=3)
 
 
 def test_grow_past_the_pool_raises_and_leaves_the_table_alone():
@@ -38,7 +40,8 @@ def test_grow_past_the_pool_raises_and_leaves_the_table_alone():
     bm.grow(table, 4)
     with pytest.raises(RuntimeError, match="out of KV blocks"):
         bm.grow(table, 7)  # needs 2 more, 1 free
-    assert table == [0, 1] and bm.num_free_blocks == 1
+    assert table == [0, 1]
+    assert bm.num_free_blocks == 1
     bm.release(table)
     assert table == []
     bm.check_all_free()
@@ -50,11 +53,13 @@ def test_ref_counts_follow_forks_and_releases():
     bm.grow(a, 5)
     b = bm.fork(a)
     c = bm.fork(b)
-    assert a == b == c and b is not a
+    assert a == b == c
+    assert b is not a
     assert [bm.ref_counts[x] for x in a] == [3, 3, 3]
     assert bm.num_used_blocks == 3
     bm.release(b)
-    assert [bm.ref_counts[x] for x in a] == [2, 2, 2] and bm.num_free_blocks == 5
+    assert [bm.ref_counts[x] for x in a] == [2, 2, 2]
+    assert bm.num_free_blocks == 5
     bm.release(a)
     assert bm.num_free_blocks == 5  # c still holds them
     bm.release(c)
@@ -77,13 +82,15 @@ def test_copy_on_write_gives_the_writer_a_private_block():
     bm.grow(parent, 6)  # blocks 0, 1; position 5 sits in block 1
     child = bm.fork(parent)
     assert bm.copy_on_write(child, 5) == (1, 2)
-    assert child == [0, 2] and parent == [0, 1]
+    assert child == [0, 2]
+    assert parent == [0, 1]
     assert [bm.ref_counts[b] for b in (0, 1, 2)] == [2, 1, 1]
     assert bm.copy_on_write(child, 5) is None  # now private
     assert bm.copy_on_write(parent, 5) is None  # and so is the parent's
     assert bm.copy_on_write(parent, 8) is None  # past the table: nothing to copy
     assert bm.copy_on_write(parent, 1) == (0, 3)  # the shared first block
-    assert parent == [3, 1] and child == [0, 2]
+    assert parent == [3, 1]
+    assert child == [0, 2]
     bm.release(parent)
     bm.release(child)
     bm.check_all_free()
@@ -133,7 +140,8 @@ def test_prefix_caching_disabled_indexes_nothing():
     table: list[int] = []
     bm.grow(table, 4)
     assert register(bm, table, [1, 2, 3, 4]) == []
-    assert bm.cached == {} and bm.match_prefix([1, 2, 3, 4], 2) == ([], [])
+    assert bm.cached == {}
+    assert bm.match_prefix([1, 2, 3, 4], 2) == ([], [])
 
 
 def test_register_skips_evicted_blocks_but_chains_their_hashes():
@@ -165,11 +173,13 @@ def test_a_freed_block_stays_cached_until_reused():
     assert blocks == first  # still findable while free
     for b in blocks:
         bm.acquire(b)  # a cached free block leaves the free pool
-    assert bm.num_free_blocks == 1 and all(bm.ref_counts[b] == 1 for b in blocks)
+    assert bm.num_free_blocks == 1
+    assert all(bm.ref_counts[b] == 1 for b in blocks)
     bm.release(blocks)
     other: list[int] = []
     bm.grow(other, 6)  # every block, so the cached ones are handed out and evicted
-    assert bm.match_prefix(tokens, 2) == ([], []) and bm.cached == {}
+    assert bm.match_prefix(tokens, 2) == ([], [])
+    assert bm.cached == {}
     bm.release(other)
     bm.check_all_free()
 
@@ -189,7 +199,8 @@ def test_free_on_abort_returns_prefix_blocks():
     table.extend(blocks)
     assert not bm.can_grow(table, 6)
     bm.release(table)  # abort
-    assert table == [] and [bm.ref_counts[b] for b in owner] == [1, 1]
+    assert table == []
+    assert [bm.ref_counts[b] for b in owner] == [1, 1]
     bm.release(owner)
     bm.release(hog)
     bm.check_all_free()
@@ -373,7 +384,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         _, t = self._pick(i)
         child = Table(t.tokens, t.salt)
         child.blocks = self.bm.fork(t.blocks)
-        assert child.blocks == t.blocks and child.blocks is not t.blocks
+        assert child.blocks == t.blocks
+        assert child.blocks is not t.blocks
         child.hashes = list(t.hashes)
         for b in child.blocks:
             self.refs[b] += 1
@@ -395,15 +407,17 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return  # the scheduler checks can_grow(..., extra=1) first
         result = self.bm.copy_on_write(t.blocks, pos)
         if not shared:
-            assert result is None and t.blocks == before
+            assert result is None
+            assert t.blocks == before
             return
         event("copy-on-write copied a shared block")
         src = before[idx]
         self.refs[src] -= 1
         dst = self._model_take()
         assert result == (src, dst)
-        assert t.blocks == before[:idx] + [dst] + before[idx + 1 :]
-        assert self.bm.ref_counts[dst] == 1 and self.bm.ref_counts[src] >= 1
+        assert t.blocks == [*before[:idx], dst, *before[idx + 1 :]]
+        assert self.bm.ref_counts[dst] == 1
+        assert self.bm.ref_counts[src] >= 1
         assert {id(o): o.blocks for o in self.tables.values() if o is not t} == others
         assert sum(dst in o.blocks for o in self.tables.values()) == 1
 
@@ -425,7 +439,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         refs = list(self.bm.ref_counts)
         blocks, hashes = self.bm.match_prefix(tokens, max_blocks, salt)
         assert blocks == self._model_match(tokens, max_blocks, salt)
-        assert len(hashes) == len(blocks) and len(set(blocks)) == len(blocks)
+        assert len(hashes) == len(blocks)
+        assert len(set(blocks)) == len(blocks)
         for i, b in enumerate(blocks):
             assert self.content[b] == (salt, tuple(tokens[: (i + 1) * BLOCK_SIZE]))
             assert self.bm.hashes[b] == hashes[i]

@@ -49,10 +49,13 @@ def test_dense_layout_is_logical_positions_and_table_slots():
     step = policy.layout([a, b], [1, 3])
     assert step.positions == [5, 0, 1, 2]
     assert step.context_lens == [6, 3]
-    assert step.slot_mapping is None and step.attention is None
+    assert step.slot_mapping is None
+    assert step.attention is None
     assert policy.table_tokens(a, 1) == 6
     assert policy.max_blocks_per_request(max_model_len=17, step_tokens=8) == 5
-    assert policy.allows_prefix_caching and policy.allows_forks and policy.allows_beam_search
+    assert policy.allows_prefix_caching
+    assert policy.allows_forks
+    assert policy.allows_beam_search
 
 
 def test_streaming_evicts_whole_blocks_behind_the_window_and_keeps_sinks():
@@ -63,14 +66,18 @@ def test_streaming_evicts_whole_blocks_behind_the_window_and_keeps_sinks():
     table = list(seq.block_table)
     policy.before_step(seq, blocks)  # next query at 20 sees 15..20: blocks 1, 2 (4..11) go
     assert seq.block_table == [table[0], table[3], table[4]]
-    assert seq.num_evicted_blocks == 2 and blocks.num_used_blocks == 3
+    assert seq.num_evicted_blocks == 2
+    assert blocks.num_used_blocks == 3
     step = policy.layout([seq], [1])
     assert step.positions == [12]  # its index in the compacted cache (rotated on read)
     assert step.context_lens == [13]
     assert isinstance(step.attention, StreamingWindow)
-    assert step.attention.offsets == [8] and step.attention.sink_limit == 4
-    assert policy.live_index(seq, 20) == 12 and policy.pinned_blocks == 1
-    assert policy.keys_rotated_on_read and not policy.allows_beam_search
+    assert step.attention.offsets == [8]
+    assert step.attention.sink_limit == 4
+    assert policy.live_index(seq, 20) == 12
+    assert policy.pinned_blocks == 1
+    assert policy.keys_rotated_on_read
+    assert not policy.allows_beam_search
     assert policy.max_positions() == 8
 
 
@@ -81,19 +88,22 @@ def test_h2o_fills_holes_first_and_positions_by_rank_when_asked():
         policy.start(seq)
         seq.block_table = [5, 6]
         step = policy.layout([seq], [4])  # slots 20..23
-        assert step.slot_mapping is not None and step.slot_mapping.tolist() == [20, 21, 22, 23]
+        assert step.slot_mapping is not None
+        assert step.slot_mapping.tolist() == [20, 21, 22, 23]
         assert step.positions == [0, 1, 2, 3]
         seq.num_computed_tokens = 4
         seq.kv_state.scores = torch.tensor([5.0, 0.1, 3.0, 1.0])  # token 1: lightest old one
         policy.after_step(seq)
         assert seq.kv_state.positions == [0, 2, 3]
         step = policy.layout([seq], [1])
-        assert step.slot_mapping is not None and step.slot_mapping.tolist() == [21]  # the hole
+        assert step.slot_mapping is not None
+        assert step.slot_mapping.tolist() == [21]
         assert step.positions == ([3] if by_rank else [4])
         assert isinstance(step.attention, H2OAttention)
         assert step.attention.keys_rotated_on_read == by_rank
         assert policy.max_positions() == (3 if by_rank else None)
-    assert not policy.allows_prefix_caching and not policy.allows_forks
+    assert not policy.allows_prefix_caching
+    assert not policy.allows_forks
 
 
 def test_streaming_under_the_scheduler_stays_within_its_block_bound():

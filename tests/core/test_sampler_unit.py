@@ -111,7 +111,8 @@ def test_greedy_is_argmax_and_logprobs_are_the_models():
         assert math.isclose(r.logprob, logp[i, best].item(), abs_tol=1e-5)
         n = seqs[i].sampling_params.logprobs
         if n is None:
-            assert r.rank is None and r.top is None
+            assert r.rank is None
+            assert r.top is None
         else:
             assert r.rank == 1
             order = sorted(range(V), key=lambda j: -logits[i, j].item())[:n]
@@ -156,17 +157,17 @@ def ref_steered(logits: torch.Tensor, seqs: list[Sequence], eos: list[int]) -> t
 
 
 STEER_CASES = [
-    dict(),
-    dict(logit_bias={0: 5.0, 7: -3.5}),
-    dict(logit_bias={11: 100.0}),
-    dict(repetition_penalty=1.7),
-    dict(repetition_penalty=0.6),
-    dict(frequency_penalty=0.8, presence_penalty=-0.4),
-    dict(frequency_penalty=-1.2),
-    dict(min_tokens=4, stop_token_ids=[9]),
-    dict(min_tokens=4, stop_token_ids=[9], ignore_eos=True),
-    dict(min_tokens=2, stop_token_ids=[9]),  # already 3 outputs: nothing blocked
-    dict(logit_bias={3: 2.0}, repetition_penalty=1.3, presence_penalty=0.5, min_tokens=5),
+    {},
+    {"logit_bias": {0: 5.0, 7: -3.5}},
+    {"logit_bias": {11: 100.0}},
+    {"repetition_penalty": 1.7},
+    {"repetition_penalty": 0.6},
+    {"frequency_penalty": 0.8, "presence_penalty": -0.4},
+    {"frequency_penalty": -1.2},
+    {"min_tokens": 4, "stop_token_ids": [9]},
+    {"min_tokens": 4, "stop_token_ids": [9], "ignore_eos": True},
+    {"min_tokens": 2, "stop_token_ids": [9]},  # already 3 outputs: nothing blocked
+    {"logit_bias": {3: 2.0}, "repetition_penalty": 1.3, "presence_penalty": 0.5, "min_tokens": 5},
 ]
 
 
@@ -188,8 +189,10 @@ def test_bias_min_tokens_and_penalties_equal_the_reference():
     assert torch.equal(ours[0], logits[0])  # no settings: untouched
     blocked = {i for i in range(len(seqs)) if bool((ref[i] == -math.inf).any())}
     assert blocked == {7, 8, 10}
-    assert ours[7, EOS] == -math.inf and ours[8, EOS] != -math.inf  # ignore_eos keeps EOS
-    assert not torch.equal(ours[3], logits[3]) and not torch.equal(ours[5], logits[5])
+    assert ours[7, EOS] == -math.inf
+    assert ours[8, EOS] != -math.inf
+    assert not torch.equal(ours[3], logits[3])
+    assert not torch.equal(ours[5], logits[5])
 
 
 def test_steering_changes_greedy_but_not_the_reported_logprob():
@@ -230,7 +233,7 @@ def test_seeded_draws_do_not_depend_on_the_batch():
     for step in range(30):
         logits = rand_logits(1, 100 + step, scale=0.5)  # flat: many likely tokens
         a.append(sampler(logits, [alone])[0].token)
-        batch = others[: step % 5] + [busy] + [sibling] + others[step % 5 :]
+        batch = [*others[: step % 5], busy, sibling, *others[step % 5 :]]
         res = sampler(logits.expand(len(batch), -1).contiguous(), batch)
         b.append(res[batch.index(busy)].token)
         c.append(res[batch.index(sibling)].token)
@@ -240,7 +243,7 @@ def test_seeded_draws_do_not_depend_on_the_batch():
 
 
 @pytest.mark.parametrize(
-    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.8, 0, 1.0), (1.0, 5, 0.9)]
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.8, 0, 1.0), (1.0, 5, 0.9)]
 )
 def test_draws_follow_the_softmax(temperature, top_k, top_p):
     """6000 draws from one seeded stream against softmax(logits / T) renormalised over the kept

@@ -44,7 +44,8 @@ def test_admission_in_arrival_order_within_max_num_seqs():
     for s in (a, b, c):
         sched.add(s)
     batch = sched.schedule()
-    assert batch.seqs == [a, b] and batch.num_new_tokens == [5, 5]
+    assert batch.seqs == [a, b]
+    assert batch.num_new_tokens == [5, 5]
     assert list(sched.waiting) == [c]
 
 
@@ -67,7 +68,8 @@ def test_running_decodes_go_before_new_prefills():
     b = seq("b", 30)
     sched.add(b)
     batch = sched.schedule()
-    assert batch.seqs == [a, b] and batch.num_new_tokens == [1, 9]
+    assert batch.seqs == [a, b]
+    assert batch.num_new_tokens == [1, 9]
 
 
 def test_preemption_frees_the_newest_and_resumes_it_first():
@@ -79,9 +81,12 @@ def test_preemption_frees_the_newest_and_resumes_it_first():
     assert a.status == b.status == SequenceStatus.RUNNING
     while sched.stats.num_preemptions == 0:
         run_step(sched)
-    assert b.status == SequenceStatus.WAITING and list(sched.waiting)[0] is b
-    assert b.block_table == [] and b.num_computed_tokens == 0
-    assert b.num_preemptions == 1 and len(b.output_token_ids) > 0  # kept its tokens
+    assert b.status == SequenceStatus.WAITING
+    assert next(iter(sched.waiting)) is b
+    assert b.block_table == []
+    assert b.num_computed_tokens == 0
+    assert b.num_preemptions == 1
+    assert len(b.output_token_ids) > 0
     while sched.has_unfinished():
         run_step(sched)
     assert len(a.output_token_ids) == len(b.output_token_ids) == 12

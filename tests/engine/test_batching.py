@@ -84,7 +84,8 @@ def test_aborts_mid_prefill_and_mid_decode_free_everything(tiny_model_factory):
     assert len(engine.requests["forks"].seqs) == 3
     engine.abort(["decode", "forks", "queued", "unknown-id"])
     assert not engine.has_unfinished_requests()
-    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert not engine.scheduler.running
+    assert not engine.scheduler.waiting
     engine.block_manager.check_all_free()
 
 
@@ -111,7 +112,8 @@ def test_prefix_cache_computes_only_the_suffix(tiny_model_factory):
 
     _, cached_b, computed = two(True)
     _, plain_b, computed_plain = two(False)
-    assert computed == len(b) - 512 and cached_b.num_cached_tokens == 512
+    assert computed == len(b) - 512
+    assert cached_b.num_cached_tokens == 512
     assert computed_plain == len(b)
     assert cached_b.outputs[0].token_ids == plain_b.outputs[0].token_ids
     assert len(cached_b.outputs[0].logprobs) == len(plain_b.outputs[0].logprobs) == 8
@@ -153,7 +155,8 @@ def test_n_and_best_of_outputs(tiny_model_factory):
         SamplingParams(n=3, best_of=5, temperature=1.0, max_tokens=10, ignore_eos=True, seed=11),
         use_tqdm=False,
     )[0]
-    assert len(out.outputs) == 3 and [o.index for o in out.outputs] == [0, 1, 2]
+    assert len(out.outputs) == 3
+    assert [o.index for o in out.outputs] == [0, 1, 2]
     scores = [o.cumulative_logprob for o in out.outputs]
     assert scores == sorted(scores, reverse=True)
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1
@@ -179,7 +182,8 @@ def test_smollm2_48_requests_batched_match_teacher_forced(smollm2_llm):
             continue
         ours_top5 = out.outputs[0].logprobs[first_diff]
         ref_top5 = torch.topk(logits[first_diff], 5).indices.tolist()
-        assert toks[first_diff] in ref_top5 and ref[first_diff] in ours_top5, (prompt, first_diff)
+        assert toks[first_diff] in ref_top5, (prompt, first_diff)
+        assert ref[first_diff] in ours_top5, (prompt, first_diff)
         close += 1
     print(f"\n48 batched requests: {exact} exact, {close} within top-5 at first divergence")
     assert exact >= 44

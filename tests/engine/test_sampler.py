@@ -150,13 +150,16 @@ def test_logprobs_shape_like_vllm(tiny_logits):
     cum = 0.0
     for i, (tok, entry) in enumerate(zip(comp.token_ids, comp.logprobs)):
         row = ref[len(prompt) - 1 + i]
-        assert entry[tok].rank == 1 and abs(entry[tok].logprob - row.max().item()) < 1e-4
+        assert entry[tok].rank == 1
+        assert abs(entry[tok].logprob - row.max().item()) < 1e-4
         assert len(entry) == 3  # greedy: the chosen token is the top-1
         ranks = sorted(e.rank for e in entry.values())
-        assert ranks == [1, 2, 3] and all(isinstance(e.decoded_token, str) for e in entry.values())
+        assert ranks == [1, 2, 3]
+        assert all(isinstance(e.decoded_token, str) for e in entry.values())
         cum += entry[tok].logprob
     assert math.isclose(comp.cumulative_logprob, cum, abs_tol=1e-4)
-    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    assert out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(prompt)
     for pos in range(1, len(prompt)):
         entry = out.prompt_logprobs[pos]
         tok = prompt[pos]

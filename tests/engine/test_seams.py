@@ -62,7 +62,8 @@ def test_toy_policy_with_a_covering_budget_equals_dense(tiny_model_factory):
     outs = []
     while engine.has_unfinished_requests():
         outs += engine.step()
-    assert outs[-1].finished and outs[-1].outputs[0].token_ids == dense.outputs[0].token_ids
+    assert outs[-1].finished
+    assert outs[-1].outputs[0].token_ids == dense.outputs[0].token_ids
     engine.block_manager.check_all_free()
 
 
@@ -202,14 +203,17 @@ def test_prompt_logprobs_survive_preemption(tiny_model_factory):
     lp = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0, ignore_eos=True)
     dec = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in [*decodes, long_prompt]]
-    kwargs = dict(dtype="float32", block_size=8, enable_prefix_caching=False)
+    kwargs = {"dtype": "float32", "block_size": 8, "enable_prefix_caching": False}
     tight = LLM(str(folder), num_kv_blocks=28, max_num_batched_tokens=16, **kwargs)
     roomy = LLM(str(folder), max_num_batched_tokens=16, **kwargs)
     got = tight.generate(prompts, [dec, dec, lp], use_tqdm=False)[2]
     want = roomy.generate(prompts, [dec, dec, lp], use_tqdm=False)[2]
     assert tight.engine.stats.num_preemptions > 0
-    assert got.prompt_logprobs is not None and len(got.prompt_logprobs) == len(long_prompt)
-    assert want.prompt_logprobs is not None and len(want.prompt_logprobs) == len(long_prompt)
+    assert got.prompt_logprobs is not None
+    assert len(got.prompt_logprobs) == len(long_prompt)
+    assert want.prompt_logprobs is not None
+    assert len(want.prompt_logprobs) == len(long_prompt)
     for a, b, token in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:], long_prompt[1:]):
-        assert list(a) == [token] and list(b) == [token]
+        assert list(a) == [token]
+        assert list(b) == [token]
         assert abs(a[token].logprob - b[token].logprob) < 1e-4

@@ -56,7 +56,7 @@ def test_llama3_rope_changes_frequencies(tiny_model_factory):
 
     cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
     assert cfg.rope.rope_type == "llama3"
-    ours, scale = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+    ours, _scale = rope_inv_freq(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
     ref = hf_model.model.rotary_emb.inv_freq
     torch.testing.assert_close(ours, ref.float(), atol=0, rtol=1e-6)
     plain, _ = rope_inv_freq(type(cfg.rope)(theta=cfg.rope.theta), cfg.head_dim, 256)
@@ -71,7 +71,8 @@ def test_sharded_safetensors_with_index(tiny_model_factory, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (sharded / name).write_bytes((folder / name).read_bytes())
     shards = sorted(p.name for p in sharded.glob("*.safetensors"))
-    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    assert len(shards) > 1
+    assert (sharded / "model.safetensors.index.json").is_file()
     one = LLM(str(folder), dtype="float32").engine.prompt_logits(PROMPT)
     many = LLM(str(sharded), dtype="float32").engine.prompt_logits(PROMPT)
     torch.testing.assert_close(many, one, atol=0, rtol=0)

@@ -18,12 +18,12 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 pytest.importorskip("httpx")
 
-import uvicorn  # noqa: E402
+import uvicorn
 
-from lamina import LLM  # noqa: E402
-from lamina.engine.llm_engine import LLMEngine  # noqa: E402
-from lamina.server import ServerSettings, build_app  # noqa: E402
-from tests.helpers import SERVED_MODEL_NAME as MODEL  # noqa: E402
+from lamina import LLM
+from lamina.engine.llm_engine import LLMEngine
+from lamina.server import ServerSettings, build_app
+from tests.helpers import SERVED_MODEL_NAME as MODEL
 
 
 class LiveServer:

@@ -48,13 +48,13 @@ def test_32_concurrent_streams_equal_offline(smol_server, smollm2_llm, metric):
     want = [o.outputs[0].text for o in smollm2_llm.generate(prompts, params, use_tqdm=False)]
 
     async def one(client, i: int) -> tuple[str, int]:
-        kw = dict(
-            model="smollm2",
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+        kw = {
+            "model": "smollm2",
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         text, used = "", 0
         if i % 2 == 0:
             stream = await client.chat.completions.create(messages=convs[i], **kw)

@@ -18,7 +18,8 @@ def assert_error(resp: httpx.Response, status: int, param: str | None = "any") -
     assert set(body) == {"error"}
     err = body["error"]
     assert set(err) == {"message", "type", "param", "code"}
-    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["message"], str)
+    assert err["message"]
     if param != "any":
         assert err["param"] == param, err
     return err
@@ -62,7 +63,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("path,body,param", CASES, ids=[f"{p}:{b}"[:60] for p, b, _ in CASES])
+@pytest.mark.parametrize(
+    ("path", "body", "param"), CASES, ids=[f"{p}:{b}"[:60] for p, b, _ in CASES]
+)
 def test_invalid_fields_are_400(server, path, body, param):
     with httpx.Client(base_url=server.base_url, timeout=30) as c:
         err = assert_error(c.post(path, json=body), 400, param)
@@ -139,7 +142,8 @@ def test_tokenizer_routes_in_lm_eval_shape(server, tiny_llm):
             r = c.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False})
             body = r.json()
             assert body["tokens"] == tok.encode("hello world", add_special_tokens=False)
-            assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 256
+            assert body["count"] == len(body["tokens"])
+            assert body["max_model_len"] == 256
             eos = c.post("/tokenize", json={"prompt": tok.eos_token, "add_special_tokens": False})
             assert eos.json()["tokens"][0] == tok.eos_token_id
             assert c.post("/detokenize", json={"tokens": body["tokens"]}).json() == {
@@ -165,7 +169,8 @@ def test_metrics(server, metric):
         extra_body={"ignore_eos": True},
     )
     r = httpx.get(server.base_url + "/metrics", timeout=30)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
     text = r.text
     for name in (
         "lamina:num_requests_running",

@@ -37,7 +37,8 @@ def test_completions_equal_offline(server, tiny_llm):
     assert resp.usage.prompt_tokens == n_prompt
     assert resp.usage.completion_tokens == n_out
     assert resp.usage.total_tokens == n_prompt + n_out
-    assert resp.object == "text_completion" and resp.id.startswith("cmpl-")
+    assert resp.object == "text_completion"
+    assert resp.id.startswith("cmpl-")
 
 
 def test_token_id_prompts(server, tiny_llm):
@@ -87,7 +88,8 @@ def test_stream_completion_with_usage(server, tiny_llm):
     assert "".join(c.choices[0].text for c in text_chunks) == want.text
     assert text_chunks[-1].choices[0].finish_reason == want.finish_reason
     assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.token_ids)
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
 
 
 def test_stream_chat_role_first_then_usage(server, tiny_llm):
@@ -103,7 +105,8 @@ def test_stream_chat_role_first_then_usage(server, tiny_llm):
     )
     want = tiny_llm.chat(CHAT, SamplingParams(max_tokens=10, temperature=0), use_tqdm=False)
     first = chunks[0].choices[0].delta
-    assert first.role == "assistant" and first.content == ""
+    assert first.role == "assistant"
+    assert first.content == ""
     body = [c for c in chunks[1:] if c.choices]
     assert "".join(c.choices[0].delta.content or "" for c in body) == want[0].outputs[0].text
     assert body[-1].choices[0].finish_reason == want[0].outputs[0].finish_reason
@@ -118,12 +121,20 @@ def test_stream_without_usage_has_no_usage_chunk(server):
             model=MODEL, prompt="abc", max_tokens=4, temperature=0, stream=True
         )
     )
-    assert chunks and all(c.choices and c.usage is None for c in chunks)
+    assert chunks
+    assert all(c.choices and c.usage is None for c in chunks)
 
 
 def test_n2_with_seed_is_reproducible_and_equals_offline(server, tiny_llm):
     client = server.client()
-    kw = dict(model=MODEL, prompt=PROMPTS[0], max_tokens=10, temperature=1.0, n=2, seed=7)
+    kw = {
+        "model": MODEL,
+        "prompt": PROMPTS[0],
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "n": 2,
+        "seed": 7,
+    }
     a = client.completions.create(**kw)
     b = client.completions.create(**kw)
     want = offline(tiny_llm, PROMPTS[0], max_tokens=10, temperature=1.0, n=2, seed=7)[0]
@@ -138,14 +149,14 @@ def test_n2_with_seed_is_reproducible_and_equals_offline(server, tiny_llm):
 
 
 def test_chat_n2_seed(server, tiny_llm):
-    kw = dict(max_tokens=8, temperature=0.9, n=2, seed=3)
+    kw = {"max_tokens": 8, "temperature": 0.9, "n": 2, "seed": 3}
     resp = server.client().chat.completions.create(model=MODEL, messages=CHAT, **kw)
     want = tiny_llm.chat(CHAT, SamplingParams(**kw), use_tqdm=False)[0].outputs
     assert [c.message.content for c in resp.choices] == [w.text for w in want]
 
 
 def test_best_of(server, tiny_llm):
-    kw = dict(max_tokens=6, temperature=1.0, n=1, best_of=3, seed=11)
+    kw = {"max_tokens": 6, "temperature": 1.0, "n": 1, "best_of": 3, "seed": 11}
     resp = server.client().completions.create(model=MODEL, prompt=PROMPTS[2], **kw)
     want = offline(tiny_llm, PROMPTS[2], **kw)[0]
     assert [c.text for c in resp.choices] == [w.text for w in want]
@@ -155,9 +166,10 @@ def test_stop_strings(server, tiny_llm):
     client = server.client()
     base = offline(tiny_llm, PROMPTS[3], max_tokens=24, temperature=0, ignore_eos=True)[0][0].text
     stop = base[6:8]
-    assert stop and base.find(stop) >= 0
+    assert stop
+    assert base.find(stop) >= 0
     want = offline(tiny_llm, PROMPTS[3], max_tokens=24, temperature=0, ignore_eos=True, stop=[stop])
-    kw = dict(model=MODEL, prompt=PROMPTS[3], max_tokens=24, temperature=0, stop=[stop])
+    kw = {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 24, "temperature": 0, "stop": [stop]}
     kw["extra_body"] = {"ignore_eos": True}
     resp = client.completions.create(**kw)
     assert resp.choices[0].text == want[0][0].text == base[: base.find(stop)]
@@ -201,7 +213,8 @@ def test_echo_logprobs_for_lm_eval(server, tiny_llm):
     )
     lp = resp.choices[0].logprobs
     assert len(lp.token_logprobs) == len(prompt) + 1
-    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None
     want = tiny_llm.generate(
         {"prompt_token_ids": prompt},
         SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1),
