@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lamina.attention.base import AttentionBackend
+from lamina.attention.online_softmax import OnlineSoftmaxBackend
 from lamina.attention.torch_backend import TorchAttentionBackend
 from lamina.kv.retention import RetentionAttention
 
@@ -49,4 +50,5 @@ def select_attention_backend(
     return cls()
 
 
-register_attention_backend(TorchAttentionBackend)
+for _builtin in (TorchAttentionBackend, OnlineSoftmaxBackend):
+    register_attention_backend(_builtin)

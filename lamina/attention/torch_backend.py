@@ -131,7 +131,7 @@ def _streaming(
     ki, vi = cache.gather(meta.block_tables[i, :nblocks])
     ki, vi = ki[:ctx], vi[:ctx]
     cache_pos = torch.arange(ctx, device=q.device)
-    ki = _rotate_at_ranks(ki, meta, i, rotary)
+    ki = rotate_at_ranks(ki, meta, i, rotary)
     offset = win.offsets[i]
     key_pos = torch.where(cache_pos < win.sink_limit, cache_pos, cache_pos + offset)
     q_pos = torch.arange(ctx - qlen, ctx, device=q.device) + offset
@@ -145,12 +145,12 @@ def _streaming(
     out[start : start + qlen] = rearrange(oi, "1 h t d -> t h d")
 
 
-def _rotate_at_ranks(
-    k: torch.Tensor, meta: AttentionMetadata, i: int, rotary: RotaryEmbedding
+def rotate_at_ranks(
+    k: torch.Tensor, meta: AttentionMetadata, i: int, rotary: RotaryEmbedding, start: int = 0
 ) -> torch.Tensor:
-    """Un-rotated keys [L, Hkv, D] of sequence i rotated at positions 0 .. L-1 (their index in
-    the compacted cache), with the sequence's dynamic-NTK length if it has one."""
-    ranks = torch.arange(k.shape[0], device=k.device)
+    """Un-rotated keys [L, Hkv, D] of sequence i rotated at positions start .. start + L - 1
+    (their index in the compacted cache), with the sequence's dynamic-NTK length if any."""
+    ranks = torch.arange(start, start + k.shape[0], device=k.device)
     lens = None if meta.rope_seq_lens is None else torch.full_like(ranks, meta.rope_seq_lens[i])
     cos, sin = rotary.cos_sin(ranks, k.dtype, lens)
     return apply_rotary(k, cos, sin, rotary.rotary_dim)
@@ -174,7 +174,7 @@ def _h2o(
     ki, vi = cache.gather_slots(h2o.slots[i])
     if h2o.cache_positions:
         assert rotary is not None, "H2O with cache positions rotates keys on read"
-        ki = _rotate_at_ranks(ki, meta, i, rotary)
+        ki = rotate_at_ranks(ki, meta, i, rotary)
     key_pos = h2o.positions[i]
     q_pos = key_pos[-qlen:]
     qi = rearrange(q[start : start + qlen], "t (h g) d -> h g t d", g=groups)
