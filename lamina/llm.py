@@ -8,7 +8,7 @@ print(outs[0].outputs[0].text)
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from lamina.engine.beam_search import BeamSearchOutput, BeamSearchSequence
 from lamina.engine.llm_engine import LLMEngine
 from lamina.engine_config import EngineConfig, resolve_max_model_len
 from lamina.kv.cache import num_blocks_for
+from lamina.loading.chat_template import validate_messages
 from lamina.loading.loader import load_model
 from lamina.outputs import RequestOutput
 from lamina.sampling_params import BeamSearchParams, SamplingParams
@@ -72,15 +73,21 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in the order of the prompts."""
+        """Generate for every prompt; outputs come back in the order of the prompts.
+
+        prompts: a string, a list of token ids, a dict with "prompt" or "prompt_token_ids", or
+        a list of those. sampling_params: one SamplingParams for all, or one per prompt."""
         prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = (
-            [sampling_params] * len(prompts)
-            if isinstance(sampling_params, SamplingParams)
-            else list(sampling_params)
-        )
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        elif isinstance(sampling_params, (list, tuple)) and all(
+            isinstance(p, SamplingParams) for p in sampling_params
+        ):
+            params = list(sampling_params)
+        else:
+            raise ValueError(_bad_sampling_params(sampling_params))
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         order: list[str] = []
@@ -103,8 +110,16 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
     ) -> list[RequestOutput]:
-        """Apply the chat template to one conversation (or a list of them) and generate."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        """Apply the chat template to one conversation (or a list of them) and generate.
+
+        Each message is a dict with a `role` (system, developer, user, assistant, tool) and a
+        `content` (a string, or a list of {"type": "text", "text": ...} parts); a bad one is a
+        ValueError naming it before anything is rendered."""
+        batch = isinstance(messages, (list, tuple)) and bool(messages)
+        batch = batch and all(isinstance(conv, (list, tuple)) for conv in messages)
+        convs = list(messages) if batch else [messages]
+        for k, conv in enumerate(convs):
+            validate_messages(conv, f"messages[{k}]" if batch else "messages")
         prompts = [
             {
                 "prompt_token_ids": self.tokenizer.apply_chat_template(
@@ -179,13 +194,35 @@ class LLM:
         return [done[rid] for rid in order]
 
 
+_PROMPT_KINDS = (
+    "a string, a list of token ids, a dict with 'prompt' (text) or 'prompt_token_ids', or a "
+    "list of those"
+)
+
+
+def _bad_sampling_params(value: Any) -> str:
+    """The error for sampling_params that are not SamplingParams (or a list of them)."""
+    if isinstance(value, Mapping):
+        fields = ", ".join(f"{k}={v!r}" for k, v in value.items()) or "max_tokens=16"
+        return (
+            f"sampling_params must be a SamplingParams or a list of them, not a dict: "
+            f"use SamplingParams({fields})"
+        )
+    if isinstance(value, (list, tuple)):
+        kinds = sorted({type(p).__name__ for p in value if not isinstance(p, SamplingParams)})
+        return f"sampling_params must be SamplingParams, one per prompt; got {', '.join(kinds)}"
+    return f"sampling_params must be a SamplingParams or a list of them, not {type(value).__name__}"
+
+
 def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
     """One prompt (text, token ids or a dict) or a sequence of them, as a list."""
     if isinstance(prompts, (str, dict)) or (
         isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
     ):
         return [prompts]  # type: ignore[list-item]
-    return list(prompts)  # type: ignore[arg-type]
+    if isinstance(prompts, (list, tuple)):
+        return list(prompts)
+    raise ValueError(f"prompts must be {_PROMPT_KINDS}; got {type(prompts).__name__}")
 
 
 def _prompt_input(prompt: PromptType) -> str | list[int]:

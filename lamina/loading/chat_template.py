@@ -154,12 +154,82 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+# The roles of OpenAI's chat API ("developer" is its newer name for "system").
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def validate_messages(messages: Any, name: str = "messages") -> None:
+    """Check that a conversation has the shape of OpenAI's chat API before a template renders
+    it (`LLM.chat`, `lamina chat`, the server): a non-empty list of dicts, each with a `role` in
+    CHAT_ROLES and a `content` that is a string or a list of text parts
+    (`{"type": "text", "text": "..."}`); an assistant message with `tool_calls` may have no
+    content. Raises a ValueError that names the message (`messages[2]`) and the problem.
+
+    `Tokenizer.apply_chat_template` itself, like transformers', renders any roles and keys a
+    template understands and checks only the structure (see `render_chat_template`)."""
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(
+            f"{name} must be a list of {{'role': ..., 'content': ...}} dicts, got "
+            f"{type(messages).__name__}"
+        )
+    if not messages:
+        raise ValueError(f"{name} is empty; a conversation needs at least one message")
+    for i, message in enumerate(messages):
+        where = f"{name}[{i}]"
+        if not isinstance(message, Mapping):
+            raise ValueError(
+                f"{where} is a {type(message).__name__}, not a dict with 'role' and 'content'"
+            )
+        role = message.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            problem = "has no 'role'" if role is None else f"has role {role!r}"
+            raise ValueError(f"{where} {problem}; accepted roles: {', '.join(CHAT_ROLES)}")
+        content = message.get("content")
+        if content is None:
+            if role == "assistant" and message.get("tool_calls"):
+                continue
+            hint = " (an assistant message may omit it only with 'tool_calls')"
+            raise ValueError(
+                f"{where} ({role}) has no 'content'{hint if role == 'assistant' else ''}"
+            )
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise ValueError(
+                f"{where} ({role}): content must be a string or a list of text parts, got "
+                f"{type(content).__name__}"
+            )
+        for j, part in enumerate(content):
+            if not (
+                isinstance(part, Mapping)
+                and part.get("type", "text") == "text"
+                and isinstance(part.get("text"), str)
+            ):
+                raise ValueError(
+                    f"{where} ({role}): content[{j}] is not a text part "
+                    f"{{'type': 'text', 'text': '...'}} (lamina reads text only): {part!r:.80}"
+                )
+
+
+def _check_structure(messages: Any) -> None:
+    """What any template needs: a non-empty list of dicts, each with a string `role`."""
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("Cannot apply a chat template to an empty conversation.")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(
+                f"messages[{i}] is a {type(message).__name__}, not a dict with 'role' and 'content'"
+            )
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"messages[{i}] has no 'role' (a string such as 'user')")
+
+
 def _prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copies with None-valued keys dropped and reasoning aliased, as transformers passes them."""
     out = []
     for message in messages:
-        if not isinstance(message, Mapping):
-            raise TypeError(f"Chat messages must be dicts, got {message!r}.")
         msg = {k: v for k, v in message.items() if v is not None}
         reasoning = next((msg[k] for k in _REASONING_FIELDS if msg.get(k) is not None), None)
         if reasoning is not None:
@@ -178,14 +248,28 @@ def render_chat_template(
     documents: list[dict[str, Any]] | None = None,
     **template_kwargs: Any,
 ) -> str:
-    """Render `source` for one conversation; extra kwargs override the special-token names."""
-    if not messages:
-        raise ValueError("Cannot apply a chat template to an empty conversation.")
+    """Render `source` for one conversation; extra kwargs override the special-token names.
+
+    Any role and key a template understands is passed on (as transformers does); a message
+    that is not a dict or has no role is a ValueError naming it, and so is a template reading
+    the `content` of a message that has none (instead of jinja2's "'dict object' has no
+    attribute 'content'")."""
+    _check_structure(messages)
     variables = {**special_tokens, **template_kwargs}
-    return compile_template(source).render(
-        messages=_prepare_messages(messages),
-        tools=tools,
-        documents=documents,
-        add_generation_prompt=add_generation_prompt,
-        **variables,
-    )
+    try:
+        return compile_template(source).render(
+            messages=_prepare_messages(messages),
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
+    except jinja2.UndefinedError as e:
+        missing = [i for i, m in enumerate(messages) if m.get("content") is None]
+        if not missing:
+            raise
+        i = missing[0]
+        raise ValueError(
+            f"messages[{i}] ({messages[i]['role']}) has no 'content', which the chat template "
+            f"reads ({e})"
+        ) from e

@@ -166,7 +166,10 @@ class Tokenizer:
     ) -> str | list[int]:
         """The prompt for a conversation, rendered as transformers would. `chat_template` may be
         a template or a template's name. Ids are encoded without adding BOS/EOS, since templates
-        write their own special tokens (as transformers does)."""
+        write their own special tokens (as transformers does). Like transformers, any role a
+        template understands is rendered; a message that is not a dict, has no role, or lacks a
+        content the template reads is a ValueError naming it (`validate_messages` in
+        chat_template.py checks OpenAI's roles and contents, for `LLM.chat` and the server)."""
         source = select_template(self.chat_templates, chat_template, tools)
         text = render_chat_template(
             source,

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from lamina.loading.chat_template import validate_messages
 from lamina.outputs import CompletionOutput
 from lamina.sampling_params import SamplingParams
 from lamina.server.async_engine import RequestStream
@@ -64,9 +65,14 @@ def render_chat(
     the client are passed on, but never a template itself (rendering one is the server's
     choice, and a client-written template could loop for as long as it likes)."""
     extra = {k: v for k, v in (kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+    dicts = message_dicts(messages)
+    try:
+        validate_messages(dicts)  # roles and contents, as LLM.chat checks them
+    except ValueError as e:
+        raise APIError(str(e), 400, param="messages") from None
     try:
         ids = sv.tokenizer.apply_chat_template(
-            message_dicts(messages),
+            dicts,
             add_generation_prompt=add_generation_prompt,
             tokenize=True,
             **extra,
