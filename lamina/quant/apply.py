@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lamina.layers.linear import Linear
 from lamina.models.llama import LlamaForCausalLM, on_row_major_weights
@@ -128,6 +129,7 @@ def quantize_model(
     n_grid / clip: AWQ's alpha grid size and whether to search clipping.
     max_calib_rows: activation rows per linear kept for AWQ's error search.
     seq_len: calibration sequences are cut to this many tokens.
+    progress: tqdm bars on stderr (calibration, AWQ's search, then one per layer quantized).
     """
     validate(method, group_size)
     if any(not isinstance(getattr(o, a), Linear) for _, o, a in decoder_linears(model)):
@@ -147,7 +149,17 @@ def quantize_model(
     if method in ("awq", "smoothquant"):
         options["calib_tokens"] = sum(len(s) for s in calib_ids)
     cfg = make_config(method, group_size, **options)
-    for name, owner, attr in decoder_linears(model):
-        setattr(owner, attr, _convert(cfg, getattr(owner, attr), clips.get(name)))
+    linears = decoder_linears(model)  # layer by layer, the layout's linears in each
+    step = len(model.layout.fused_names)
+    bar = tqdm(
+        range(0, len(linears), step),
+        desc=f"{method} quantize",
+        unit="layer",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for start in bar:
+        for name, owner, attr in linears[start : start + step]:
+            setattr(owner, attr, _convert(cfg, getattr(owner, attr), clips.get(name)))
     model.quant_config = cfg
     return cfg
