@@ -11,6 +11,14 @@ import argparse
 import time
 from pathlib import Path
 
+from lamina.commands.boundary import (
+    UsageError,
+    add_force_flag,
+    check_min,
+    check_out_dir,
+    loading,
+    usage_errors,
+)
 from lamina.prune.checkpoint import save_pruned
 from lamina.prune.magnitude import parse_n_m, sparsity_of
 from lamina.prune.wanda import METHODS
@@ -36,6 +44,7 @@ def add_prune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--model", "-m", default=None, help="float HF folder or .gguf (default: SmolLM2 GGUF)"
     )
     p.add_argument("--out", required=True, help="output folder")
+    add_force_flag(p)
     p.add_argument("--calib", default=None, help="UTF-8 text file for calibration (wanda)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
@@ -70,19 +79,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Run `lamina prune`; returns the exit status."""
     from rich.console import Console
 
+    from lamina.config import parse_dtype
     from lamina.loading.loader import load_model
+    from lamina.loading.resolve import resolve_model
     from lamina.prune.wanda import prune_model
     from lamina.quant.calibrate import calib_ids_from_text
 
     if args.method == "wanda" and not args.calib:
-        raise SystemExit("lamina prune: --method wanda needs --calib FILE (text)")
+        raise UsageError("--method wanda needs --calib FILE (text)")
+    with usage_errors():  # every argument is checked before the model loads
+        if args.n_m is None and not 0.0 <= args.sparsity < 1.0:
+            raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+        check_min("--num-calib-tokens", args.num_calib_tokens, 1)
+        check_min("--seq-len", args.seq_len, 2)
+        parse_dtype(args.dtype)
+        out = check_out_dir(args.out, args.force, source=args.model)
+        text = Path(args.calib).read_text(encoding="utf-8") if args.method == "wanda" else None
+        resolve_model(args.model)
     t0 = time.perf_counter()
     console = Console(stderr=True)
-    with console.status("Loading model…", spinner="dots"):
+    with loading(args.model), console.status("Loading model…", spinner="dots"):
         loaded = load_model(args.model, args.dtype)
     calib = None
-    if args.method == "wanda":
-        text = Path(args.calib).read_text(encoding="utf-8")
+    if text is not None:
         calib = calib_ids_from_text(loaded.tokenizer, text, args.num_calib_tokens, args.seq_len)
     cfg = prune_model(
         loaded.model,
@@ -96,7 +115,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     with console.status("Saving…", spinner="dots"):
         out = save_pruned(
-            loaded.model, loaded.config, loaded.tokenizer, args.out, loaded.generation_config
+            loaded.model, loaded.config, loaded.tokenizer, out, loaded.generation_config
         )
     kind = f"{cfg.n_m} semi-structured" if cfg.n_m else f"{cfg.sparsity:.0%} unstructured"
     print(

@@ -10,7 +10,15 @@ import argparse
 import time
 from pathlib import Path
 
-from lamina.quant.apply import METHODS
+from lamina.commands.boundary import (
+    UsageError,
+    add_force_flag,
+    check_min,
+    check_out_dir,
+    loading,
+    usage_errors,
+)
+from lamina.quant.apply import METHODS, validate
 
 
 def add_quantize_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,6 +34,7 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "--model", "-m", default=None, help="float HF folder or .gguf (default: SmolLM2 GGUF)"
     )
     p.add_argument("--out", required=True, help="output folder")
+    add_force_flag(p)
     p.add_argument(
         "--calib", default=None, help="UTF-8 text file for calibration (awq, smoothquant)"
     )
@@ -42,18 +51,29 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Run `lamina quantize`; returns the exit status."""
+    from rich.console import Console
+
     from lamina.loading.loader import load_model
+    from lamina.loading.resolve import resolve_model
     from lamina.quant.apply import quantize_model
     from lamina.quant.calibrate import calib_ids_from_text
     from lamina.quant.checkpoint import save_quantized
 
-    if args.method in ("awq", "smoothquant") and not args.calib:
-        raise SystemExit(f"lamina quantize: --method {args.method} needs --calib FILE (text)")
+    calibrated = args.method in ("awq", "smoothquant")
+    if calibrated and not args.calib:
+        raise UsageError(f"--method {args.method} needs --calib FILE (text)")
+    with usage_errors():  # every argument is checked before the model loads
+        validate(args.method, args.group_size)
+        check_min("--num-calib-tokens", args.num_calib_tokens, 1)
+        check_min("--seq-len", args.seq_len, 2)
+        out = check_out_dir(args.out, args.force, source=args.model)
+        text = Path(args.calib).read_text(encoding="utf-8") if calibrated else None
+        resolve_model(args.model)
     t0 = time.perf_counter()
-    loaded = load_model(args.model, "float32")
+    with loading(args.model), Console(stderr=True).status("Loading model…", spinner="dots"):
+        loaded = load_model(args.model, "float32")
     calib = None
-    if args.calib and args.method in ("awq", "smoothquant"):
-        text = Path(args.calib).read_text(encoding="utf-8")
+    if text is not None:
         calib = calib_ids_from_text(loaded.tokenizer, text, args.num_calib_tokens, args.seq_len)
     cfg = quantize_model(
         loaded.model,
@@ -64,7 +84,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         clip=not args.no_clip,
         seq_len=args.seq_len,
     )
-    out = save_quantized(loaded.model, loaded.config, loaded.tokenizer, args.out)
+    out = save_quantized(loaded.model, loaded.config, loaded.tokenizer, out)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(
         f"{cfg.method}: wrote {out} ({size / 1e6:.1f} MB of weights) "

@@ -172,18 +172,25 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     """Run `lamina ppl`: load the model, score the text, print the result."""
     from rich.console import Console
 
+    from lamina.commands.boundary import check_min, loading, usage_errors
     from lamina.eval.corpus import load_corpus
     from lamina.llm import LLM
+    from lamina.loading.resolve import resolve_model
 
-    if args.file is not None:
-        source = args.file
-        text = Path(args.file).read_text(encoding="utf-8")
-    else:
+    ctx = args.context_length
+    with usage_errors():  # every argument is checked before the model loads
+        check_min("--context-length", ctx, 2)
+        check_min("--stride", args.stride, 1)
+        check_min("--max-tokens", args.max_tokens, 2)
+        config = EngineConfig.from_cli_args(args, max_model_len=None if ctx is None else ctx + 1)
+        resolve_model(config.model)
+        if args.file is not None:
+            source = args.file
+            text = Path(args.file).read_text(encoding="utf-8")
+    if args.file is None:
         source = "Shakespeare corpus"
         text = load_corpus()  # fails early, before loading the model, if it is missing
-    ctx = args.context_length
-    config = EngineConfig.from_cli_args(args, max_model_len=None if ctx is None else ctx + 1)
-    with Console(stderr=True).status("Loading model…", spinner="dots"):
+    with loading(config.model), Console(stderr=True).status("Loading model…", spinner="dots"):
         llm = LLM(config)
     if ctx is None:  # prompt_logits takes at most max_model_len - 1 tokens
         ctx = min(1024, llm.engine.scheduler_config.max_model_len - 1)

@@ -10,10 +10,17 @@ import argparse
 import logging
 import os
 import socket
-import sys
 from collections.abc import Sequence
 from typing import Any
 
+from lamina.commands.boundary import (
+    UsageError,
+    add_debug_flag,
+    check_min,
+    loading,
+    run_command,
+    usage_errors,
+)
 from lamina.engine_config import EngineConfig
 from lamina.server.settings import ServerSettings
 
@@ -24,7 +31,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 0-65535 (0: any free one)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("LAMINA_API_KEY"),
@@ -89,7 +96,7 @@ def serving_threads(requested: int | None) -> int:
     of 15 (benchmarks/results/serve.md). An explicit number or OMP_NUM_THREADS wins."""
     if requested is not None:
         if requested < 1:
-            raise SystemExit(f"--torch-threads must be >= 1, got {requested}")
+            raise UsageError(f"--torch-threads must be >= 1, got {requested}")
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
         import torch
@@ -99,16 +106,16 @@ def serving_threads(requested: int | None) -> int:
     return max(1, (cores or 1) - 1)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from lamina.llm import LLM
-    from lamina.server.app import build_app
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("lamina.server")
-    engine_config = EngineConfig.from_cli_args(args)  # bad flags fail before loading
-    settings = ServerSettings(
+def _settings(args: argparse.Namespace) -> ServerSettings:
+    """The server's limits from the flags, each checked."""
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0-65535 (0: any free port), got {args.port}")
+    check_min("--max-body-bytes", args.max_body_bytes, 1)
+    check_min("--max-prompt-tokens", args.max_prompt_tokens, 1)
+    check_min("--max-n", args.max_n, 1)
+    check_min("--max-pending-requests", args.max_pending_requests, 1)
+    check_min("--shutdown-grace", args.shutdown_grace, 0)
+    return ServerSettings(
         served_model_name=args.served_model_name or _model_name(args.model),
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes,
@@ -117,15 +124,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_pending_requests=args.max_pending_requests,
         shutdown_grace=args.shutdown_grace,
     )
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind (and release) the address as uvicorn will (SO_REUSEADDR, IPv6 when the host has a
+    colon), so a host that is not this machine's or a port already in use fails before the
+    model loads, with an OSError naming the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lamina.llm import LLM
+    from lamina.loading.resolve import resolve_model
+    from lamina.server.app import build_app
+
+    with usage_errors():  # every argument is checked before the model loads
+        engine_config = EngineConfig.from_cli_args(args)
+        resolve_model(engine_config.model)
+        settings = _settings(args)
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+        )
+    threads = serving_threads(args.torch_threads)
+    check_address(args.host, args.port)
+    log = logging.getLogger("lamina.server")
     import torch
 
-    torch.set_num_threads(serving_threads(args.torch_threads))
+    torch.set_num_threads(threads)
     log.info(
         "loading %s (%d torch threads)",
         args.model or "the default SmolLM2 GGUF",
         torch.get_num_threads(),
     )
-    llm = LLM(engine_config)
+    with loading(engine_config.model):
+        llm = LLM(engine_config)
     app = build_app(llm.engine, settings)
     config = uvicorn.Config(
         app,
@@ -164,9 +204,6 @@ def _graceful_server(config: Any, engine: Any, grace: float) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lamina serve", description="OpenAI-compatible server")
     add_serve_args(parser)
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        return cmd_serve(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"lamina serve: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("lamina serve", cmd_serve, args)
