@@ -68,7 +68,10 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_temperature: float) -
     group = p.add_argument_group("sampling", "a flag left out keeps SamplingParams' default")
     for name, (flag, kind, text) in SAMPLING_FLAGS.items():
         action = "append" if name == "stop" else "store"
-        group.add_argument(flag, dest=_DEST + name, type=kind, action=action, help=text)
+        metavar = {int: "N", float: "X"}.get(kind, "TEXT")
+        group.add_argument(
+            flag, dest=_DEST + name, type=kind, action=action, metavar=metavar, help=text
+        )
     # `--seed` stays an alias of --sample-seed unless the engine has a --seed of its own
     with contextlib.suppress(argparse.ArgumentError):
         group.add_argument("--seed", dest=_DEST + "seed", type=int, help=argparse.SUPPRESS)
@@ -173,7 +176,7 @@ def _generate_and_print(llm: Any, prompt: str | list[int], params: SamplingParam
         f"{', '.join(str(o.finish_reason) for o in samples)}]",
         file=sys.stderr,
     )
-    return samples[0].text
+    return str(samples[0].text)
 
 
 def _respond(llm: Any, prompt: str | list[int], params: SamplingParams) -> str:
