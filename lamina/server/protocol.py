@@ -1,8 +1,10 @@
 """Pydantic models of every request and response body, in OpenAI's shapes (plus vLLM's extra
 sampling fields), so the openai SDK, lm-eval and vLLM clients work unchanged.
 
-Requests ignore unknown fields (as OpenAI and vLLM do) but reject wrongly typed known ones;
-value ranges are checked once, by `SamplingParams`, so the server and the offline API agree.
+Requests ignore unknown fields (as OpenAI and vLLM do) but reject wrongly typed known ones,
+and non-finite numbers (Python's json reads the literals NaN and Infinity): a 400 naming the
+field. Value ranges are checked once, by `SamplingParams`, so the server and the offline API
+agree.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class _Response(BaseModel):
