@@ -49,6 +49,14 @@ class EngineConfig:
       (lamina/layers/linear.py).
     - quantization="gguf": other GGUF tensor types stay float; a quantized token embedding is
       kept as the file's rows and dequantized per looked-up token.
+    - seed: a request's own SamplingParams.seed wins; requests without one get the seed
+      derive_seed(seed, i) (lamina/engine/sequence.py), i counting the sampling requests
+      (`add_request`) admitted by this engine from 0, seeded or not, so the samples depend on
+      the order requests arrive in, not on what they are batched with. None: fresh OS entropy.
+    - tokenizer: its ids must fit the model's vocabulary (checked at load).
+    - enforce_eager and gpu_memory_utilization exist so vLLM scripts run unchanged; neither
+      changes anything (no graphs are captured; the KV budget is kv_cache_bytes or
+      num_kv_blocks).
     """
 
     model: str | Path | None = _opt(
@@ -126,12 +134,36 @@ class EngineConfig:
         "attention implementation: auto picks the fastest correct one for the device; torch is "
         "the plain-PyTorch reference",
     )
+    seed: int | None = _opt(
+        None,
+        "seed of requests that bring none: the i-th request added to the engine samples with a "
+        "seed derived from (seed, i), so a rerun of the same script gives the same samples "
+        "(it follows arrival order)",
+    )
+    tokenizer: str | Path | None = _opt(
+        None,
+        "Hugging Face folder (with tokenizer.json) or .gguf file to take the tokenizer from "
+        "(default: the model's own)",
+    )
+    enforce_eager: bool = _opt(
+        False,
+        "accepted for vLLM compatibility; no effect: lamina never captures CUDA graphs, it "
+        "always runs eagerly",
+    )
+    gpu_memory_utilization: float | None = _opt(
+        None,
+        "accepted for vLLM compatibility (in (0, 1]) and ignored: lamina runs on the CPU, whose "
+        "KV cache budget is kv_cache_bytes",
+    )
 
     # ---- validation --------------------------------------------------------------------------
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_field(f, getattr(self, f.name))
         _check_model(self.model)
+        _check_tokenizer(self.tokenizer)
+        _check_seed(self.seed)
+        _check_gpu_memory_utilization(self.gpu_memory_utilization)
         _check_dtype(self.dtype)
         _check_rope_scaling(self.rope_scaling)
         if not isinstance(self.attention_backend, str) or not self.attention_backend:
@@ -272,6 +304,30 @@ def _check_model(model: Any) -> None:
         )
 
 
+def _check_tokenizer(tokenizer: Any) -> None:
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        raise ValueError(
+            f"tokenizer={tokenizer!r} is invalid; give a Hugging Face folder or .gguf path "
+            "(str or Path), or None for the model's own tokenizer"
+        )
+
+
+def _check_seed(seed: Any) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed={seed!r} is invalid; it must be an integer or None")
+
+
+def _check_gpu_memory_utilization(value: Any) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not 0 < value <= 1:  # NaN fails the comparison too
+        raise ValueError(
+            f"gpu_memory_utilization={value!r} is invalid; it must be in (0, 1] or None (it is "
+            "ignored on CPU: the KV cache budget is kv_cache_bytes)"
+        )
+
+
 def _check_dtype(dtype: Any) -> None:
     """parse_dtype's own errors already name dtype, the value and the accepted names."""
     if dtype != "auto":
@@ -300,8 +356,10 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _cli_type(hint: Any) -> type:
-    """int for integer fields (optional or not); everything else is parsed as text."""
-    return int if int in (typing.get_args(hint) or (hint,)) else str
+    """int for integer fields, float for float fields (optional or not); everything else is
+    parsed as text."""
+    kinds = typing.get_args(hint) or (hint,)
+    return int if int in kinds else float if float in kinds else str
 
 
 def _add_flag(parser: Any, f: dataclasses.Field[Any], hint: Any) -> None:

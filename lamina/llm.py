@@ -38,7 +38,9 @@ class LLM:
     max_num_seqs / max_num_batched_tokens (batching); enable_prefix_caching; rope_scaling
     (e.g. {"rope_type": "yarn", "factor": 4}); kv_cache_dtype ("auto" or "int8");
     attention_sinks / sliding_window (StreamingLLM) or h2o_heavy / h2o_recent /
-    h2o_cache_positions (H2O); quantization (None or "gguf"); pack_weights; attention_backend.
+    h2o_cache_positions (H2O); quantization (None or "gguf"); pack_weights; attention_backend;
+    seed (requests without their own); tokenizer (another folder's); enforce_eager and
+    gpu_memory_utilization (vLLM's, accepted and without effect on CPU).
     An unknown keyword raises a TypeError listing the accepted ones. The validated settings are
     kept as `self.config`.
     """
@@ -49,7 +51,9 @@ class LLM:
         else:
             config = EngineConfig.from_kwargs(model=model, **kwargs)
         self.config = config
-        loaded = load_model(config.model, config.dtype, config.rope_scaling, config.quantization)
+        loaded = load_model(
+            config.model, config.dtype, config.rope_scaling, config.quantization, config.tokenizer
+        )
         cache = config.cache_config()
         cache_tokens = num_blocks_for(loaded.config, cache, loaded.model.dtype) * cache.block_size
         max_len = resolve_max_model_len(config, loaded.config, cache_tokens)
@@ -60,6 +64,7 @@ class LLM:
             enable_prefix_caching=config.enable_prefix_caching,
             pack_weights=config.pack_weights,
             attention_backend=config.attention_backend,
+            seed=config.seed,
         )
         self.tokenizer = loaded.tokenizer
         self._ids = itertools.count()

@@ -36,6 +36,21 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When things happened to a request (vLLM's `RequestMetrics`): times are seconds since the
+    epoch (`time.time()`), measured with a monotonic clock from the request's arrival, so the
+    differences are exact. None: not happened yet (a beam search or scoring request has no
+    first token)."""
+
+    arrival_time: float  # when the engine accepted it
+    last_token_time: float  # when its newest token was made (arrival_time before any)
+    first_scheduled_time: float | None = None  # when a step first computed part of it
+    first_token_time: float | None = None
+    time_in_queue: float | None = None  # first_scheduled_time - arrival_time
+    finished_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
     """The state of one request after an engine step (cumulative, not a delta)."""
 
@@ -46,3 +61,4 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    metrics: RequestMetrics | None = None

@@ -6,9 +6,21 @@ so nothing invalid reaches the engine.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs
+
+
+def is_finite_number(v: object) -> bool:
+    """An int or float that is finite: NaN and +-inf are refused (Python's json, and so a JSON
+    request body, accepts the literals NaN and Infinity), as are ints too large for a float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 @dataclass
@@ -28,7 +40,17 @@ class SamplingParams:
     max_tokens / min_tokens: most / fewest tokens to generate (EOS and stop ids are blocked
         until min_tokens). stop: strings that end generation, cut out of the text like OpenAI.
     stop_token_ids: ids that end generation. ignore_eos: keep going past EOS.
-    seed: reproducible sampling for this request, whatever else shares its batch.
+    include_stop_str_in_output: keep the stop string (or the stop token's text) that ended
+        generation in the text, as vLLM does (by default it is cut out).
+    bad_words: words that may not be generated (vLLM): each is tokenized as is and with a
+        leading space; the last token of such a sequence is banned whenever the output ends
+        with the tokens before it (a one-token word is banned outright).
+    allowed_token_ids: only these ids may be generated (the others' logits become -inf).
+    seed: reproducible sampling for this request, whatever else shares its batch. Each sample
+        (n / best_of) draws from a stream seeded by a hash of (seed, sample index), so the
+        samples of nearby seeds are unrelated (not shifted copies of each other).
+    truncate_prompt_tokens: keep only the last k prompt tokens (vLLM), before the prompt is
+        checked against the context.
     logprobs: also return the top-N logprobs of each generated token (plus the chosen one's).
     prompt_logprobs: return the top-N logprobs at each prompt position (plus the prompt token's).
     Logprobs are those of the model's distribution, before penalties and temperature.
@@ -53,6 +75,10 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -67,8 +93,14 @@ class SamplingParams:
         if self.logit_bias:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, OverflowError) as e:
                 raise ValueError("logit_bias is invalid; it must map token ids to numbers") from e
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        if self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
         self.validate()
 
     def validate(self) -> None:
@@ -79,14 +111,14 @@ class SamplingParams:
             return isinstance(v, int) and not isinstance(v, bool)
 
         def is_num(v: object) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+            return is_finite_number(v)
 
         if not is_int(self.n) or self.n < 1:
             raise bad("n", "it must be an integer >= 1")
-        if not is_int(self.best_of) or self.best_of < self.n:
+        if self.best_of is None or not is_int(self.best_of) or self.best_of < self.n:
             raise bad("best_of", f"it must be an integer >= n ({self.n})")
         if not is_num(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "it must be a number >= 0 (0 means greedy)")
+            raise bad("temperature", "it must be a finite number >= 0 (0 means greedy)")
         if not is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "it must be an integer >= 1, or 0 / -1 to disable")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
@@ -94,11 +126,14 @@ class SamplingParams:
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "it must be in [0, 1]")
         if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "it must be > 0 (1 disables it)")
+            raise bad("repetition_penalty", "it must be a finite number > 0 (1 disables it)")
         for name in ("frequency_penalty", "presence_penalty"):
             if not is_num(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
                 raise bad(name, "it must be in [-2, 2]")
-        if any(not -100 <= v <= 100 or k < 0 for k, v in (self.logit_bias or {}).items()):
+        if any(
+            not is_num(v) or not -100 <= v <= 100 or k < 0
+            for k, v in (self.logit_bias or {}).items()
+        ):
             raise bad("logit_bias", "token ids must be >= 0 and biases in [-100, 100]")
         if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "it must be an integer >= 1 or None")
@@ -118,6 +153,21 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or not 0 <= v <= MAX_LOGPROBS):
                 raise bad(name, f"it must be an integer in [0, {MAX_LOGPROBS}] or None")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise bad("include_stop_str_in_output", "it must be True or False")
+        if self.bad_words is not None and any(
+            not isinstance(w, str) or not w.strip() for w in self.bad_words
+        ):
+            raise bad("bad_words", "it must be a list of non-blank strings")
+        if self.allowed_token_ids is not None and (
+            not self.allowed_token_ids
+            or any(not is_int(t) or t < 0 for t in self.allowed_token_ids)
+        ):
+            raise bad("allowed_token_ids", "it must be a non-empty list of token ids >= 0, or None")
+        if self.truncate_prompt_tokens is not None and (
+            not is_int(self.truncate_prompt_tokens) or self.truncate_prompt_tokens < 1
+        ):
+            raise bad("truncate_prompt_tokens", "it must be an integer >= 1 or None")
 
     @property
     def stop_strings(self) -> list[str]:
@@ -153,6 +203,10 @@ class BeamSearchParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        if not is_finite_number(self.length_penalty):
+            raise ValueError(
+                f"length_penalty={self.length_penalty!r} is invalid; it must be a finite number"
+            )
         if not isinstance(self.beam_width, int) or self.beam_width < 1:
             raise ValueError(f"beam_width={self.beam_width!r} is invalid; it must be >= 1")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:

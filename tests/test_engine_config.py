@@ -34,6 +34,10 @@ LLM_KWARGS = {
     "quantization",
     "pack_weights",
     "attention_backend",
+    "seed",
+    "tokenizer",
+    "enforce_eager",
+    "gpu_memory_utilization",
 }
 
 # The flags `lamina run/chat/serve` had before EngineConfig, with their defaults (dest: default).

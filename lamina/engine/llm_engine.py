@@ -21,7 +21,7 @@ from lamina.engine.output_processor import OutputProcessor
 from lamina.engine.request import Request
 from lamina.engine.sampler import Sampler
 from lamina.engine.scheduler import Scheduler
-from lamina.engine.sequence import Sequence
+from lamina.engine.sequence import Sequence, derive_seed
 from lamina.engine.stats import EngineStats
 from lamina.kv.block_manager import BlockManager
 from lamina.kv.cache import KVCache, num_blocks_for
@@ -42,9 +42,12 @@ class LLMEngine:
         pack_weights: bool = True,
         attention_backend: str = "auto",
         retention_policy: RetentionPolicy | None = None,
+        seed: int | None = None,
     ) -> None:
         """`retention_policy` overrides the one the cache config asks for (a policy of your
-        own); `attention_backend` is a registered backend name or "auto"."""
+        own); `attention_backend` is a registered backend name or "auto". `seed`: requests
+        without their own seed get one derived from (seed, their arrival number among the
+        requests added with `add_request`), so a rerun samples the same (EngineConfig.seed)."""
         self.loaded = loaded
         if pack_weights:  # the engine owns the model from here: pack its GEMMs for this CPU
             loaded.model.pack_weights()
@@ -93,6 +96,8 @@ class LLMEngine:
         )
         self.stats = EngineStats()
         self._internal_ids = itertools.count()
+        self.seed = seed
+        self._num_sample_requests = 0  # sampling requests admitted: the engine seed's counter
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set(self.model_config.eos_token_ids)
@@ -109,21 +114,51 @@ class LLMEngine:
     ) -> None:
         """Queue a prompt (text or token ids). Raises ValueError for input that cannot run."""
         params = params or SamplingParams()
-        text, ids = self._prompt_ids(request_id, prompt)
+        text, ids = self._prompt_ids(request_id, prompt, params.truncate_prompt_tokens)
         vocab = self.model_config.vocab_size
-        bad = [t for t in (params.logit_bias or {}) if t >= vocab]
-        bad += [t for t in params.stop_token_ids or [] if t >= vocab]
-        if bad:
-            raise ValueError(
-                f"token ids {bad[:5]} in logit_bias / stop_token_ids are outside "
-                f"the vocabulary [0, {vocab})"
-            )
+        for name, given in (
+            ("logit_bias", list(params.logit_bias or {})),
+            ("stop_token_ids", params.stop_token_ids or []),
+            ("allowed_token_ids", params.allowed_token_ids or []),
+        ):
+            bad = [t for t in given if t >= vocab]
+            if bad:
+                raise ValueError(
+                    f"{name}={bad[:5]} is invalid: token ids outside the vocabulary [0, {vocab})"
+                )
         if not self.policy.allows_forks and (params.best_of or 1) > 1:
             raise ValueError(
                 f"n / best_of > 1 cannot share blocks under the {self.policy.name} retention "
                 "policy; use n=1"
             )
-        self._admit(Request(request_id, text, ids, params, self.tokenizer))
+        seed = params.seed
+        if seed is None and self.seed is not None:
+            seed = derive_seed(self.seed, self._num_sample_requests)
+        req = Request(
+            request_id,
+            text,
+            ids,
+            params,
+            self.tokenizer,
+            seed=seed,
+            bad_words_ids=self._bad_words_ids(params.bad_words or []),
+        )
+        self._admit(req)
+        self._num_sample_requests += 1
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's tokenization of bad words: each word (leading spaces stripped) as is, and
+        with a leading space when that gives a different first token and no more tokens (the
+        word in the middle of a text)."""
+        out: list[list[int]] = []
+        for word in words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            if plain:
+                out.append(plain)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if spaced and (not plain or (spaced[0] != plain[0] and len(spaced) == len(plain))):
+                out.append(spaced)
+        return out
 
     def add_beam_request(
         self, request_id: str, prompt: str | list[int], params: BeamSearchParams
@@ -163,7 +198,12 @@ class LLMEngine:
         seq.reads_every_position = True
         self._admit(req)
 
-    def _prompt_ids(self, request_id: str, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+    def _prompt_ids(
+        self, request_id: str, prompt: str | list[int], truncate: int | None = None
+    ) -> tuple[str | None, list[int]]:
+        """The prompt's text (None if given as ids) and token ids, checked; `truncate` keeps
+        only the last that many ids (SamplingParams.truncate_prompt_tokens), before the
+        check."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -171,6 +211,8 @@ class LLMEngine:
             ids = self.tokenizer.encode(prompt)
         else:
             text, ids = None, list(prompt)
+        if truncate is not None:
+            ids = ids[-truncate:]
         self.validate_prompt(ids)
         return text, ids
 
@@ -278,8 +320,9 @@ class LLMEngine:
                 raise RuntimeError("no request fits in the KV cache; raise its size")
             return []
         t1 = time.perf_counter()
+        scheduled_at = time.monotonic()
         hidden, starts = self.runner.forward(batch)
-        plan = self.output_processor.plan(batch, starts)
+        plan = self.output_processor.plan(batch, starts, scheduled_at)
         logits = self.runner.logits(hidden, plan.rows)
         t2 = time.perf_counter()
         self.scheduler.advance(batch)

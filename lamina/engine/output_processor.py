@@ -61,10 +61,17 @@ class OutputProcessor:
         self._planners["score"] = self._plan_score
 
     # ---- planning ------------------------------------------------------------------------
-    def plan(self, batch: SchedulerOutput, starts: list[int]) -> StepPlan:
+    def plan(
+        self, batch: SchedulerOutput, starts: list[int], scheduled_at: float | None = None
+    ) -> StepPlan:
+        """`scheduled_at`: when the batch was scheduled (monotonic), the first_scheduled_time
+        of requests it computes for the first time."""
         plan = StepPlan()
+        when = time.monotonic() if scheduled_at is None else scheduled_at
         for seq, n, start in zip(batch.seqs, batch.num_new_tokens, starts):
             req = self.requests[seq.request_id]
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = when
             self._planners[req.kind](plan, req, seq, seq.num_computed_tokens, n, start)
         return plan
 
@@ -108,8 +115,11 @@ class OutputProcessor:
         for rid in self._score(plan.scored, hidden):
             touched[rid] = None
         outputs = []
+        now = time.monotonic()
         for rid in touched:
             req = self.requests[rid]
+            if req.finished:
+                req.finished_time = now
             outputs.append(req.output())
             if req.finished:
                 del self.requests[rid]
@@ -166,7 +176,7 @@ class OutputProcessor:
         children = []
         for idx in range(1, req.params.best_of or 1):
             child = seq.fork(idx, self.blocks.fork(seq.block_table))
-            child.generator = make_generator(req.params.seed, idx)
+            child.generator = make_generator(req.seed, idx)
             req.add_seq(child)
             self.scheduler.add_running(child)
             children.append(child)
@@ -191,7 +201,11 @@ class OutputProcessor:
             seq.finish("stop", token)
         elif token in self.eos_token_ids and not params.ignore_eos:
             seq.finish("stop", None)
-        if seq.is_finished:  # the stop token's own text is not part of the output
+        if seq.is_finished:
+            # the stop token's own text is part of the output only if asked (vLLM); it is
+            # empty anyway for a special token when skip_special_tokens is set
+            if params.include_stop_str_in_output:
+                seq.text += new_text + detok.flush().rstrip("\ufffd")
             return
         before = len(seq.text)
         seq.text += new_text
@@ -199,7 +213,9 @@ class OutputProcessor:
             for stop in params.stop_strings:
                 at = seq.text.find(stop, max(0, before - len(stop) + 1))
                 if at != -1:
-                    seq.text = seq.text[:at]
+                    # cut before the stop string, or (include_stop_str_in_output) after it
+                    end = at + len(stop) if params.include_stop_str_in_output else at
+                    seq.text = seq.text[:end]
                     seq.finish("stop", stop)
                     return
         if (

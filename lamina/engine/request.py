@@ -15,10 +15,16 @@ from dataclasses import dataclass, field
 import torch
 
 from lamina.engine.beam_search import BeamGroup
-from lamina.engine.sequence import Sequence
+from lamina.engine.sequence import Sequence, make_generator
 from lamina.loading.detokenizer import IncrementalDetokenizer
 from lamina.loading.tokenizer import Tokenizer
-from lamina.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from lamina.outputs import (
+    CompletionOutput,
+    Logprob,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from lamina.sampling_params import SamplingParams
 
 
@@ -32,9 +38,17 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     detokenizers: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
     prompt_logprobs: PromptLogprobs | None = None
+    # the sampling seed of its samples (sample i draws from derive_seed(seed, i)): the params'
+    # own seed, or the one the engine derived from its engine seed; None: OS entropy
+    seed: int | None = None
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized
+    # times on the monotonic clock (see `metrics`)
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)  # when each step added a token
+    finished_time: float | None = None
+    _epoch: float = field(default=0.0, init=False, repr=False)  # epoch - monotonic seconds
     forked: bool = False  # whether best_of > 1 samples have been split off yet
     kind: str = "sample"
     beam: BeamGroup | None = None  # kind "beam": the search's state
@@ -43,9 +57,19 @@ class Request:
     num_scored: int = 0  # kind "score": prompt positions handed over so far
 
     def __post_init__(self) -> None:
+        self._epoch = time.time() - time.monotonic()  # monotonic -> epoch seconds
+        if self.seed is None:
+            self.seed = self.params.seed
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]  # the first prompt token has no context
-        first = Sequence(self.request_id, self.prompt_token_ids, self.params, index=0)
+        first = Sequence(
+            self.request_id,
+            self.prompt_token_ids,
+            self.params,
+            index=0,
+            generator=make_generator(self.seed, 0),
+            bad_words_ids=self.bad_words_ids,
+        )
         self.add_seq(first)
         self.forked = self.params.best_of == 1
 
@@ -58,6 +82,24 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.forked and all(s.is_finished for s in self.seqs)
+
+    def metrics(self) -> RequestMetrics:
+        """vLLM's RequestMetrics, in epoch seconds."""
+
+        def epoch(t: float | None) -> float | None:
+            return None if t is None else t + self._epoch
+
+        arrival = self.arrival_time + self._epoch
+        scheduled = epoch(self.first_scheduled_time)
+        last = self.token_times[-1] + self._epoch if self.token_times else arrival
+        return RequestMetrics(
+            arrival_time=arrival,
+            last_token_time=last,
+            first_scheduled_time=scheduled,
+            first_token_time=epoch(self.first_token_time),
+            time_in_queue=None if scheduled is None else scheduled - arrival,
+            finished_time=epoch(self.finished_time),
+        )
 
     def decoded(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -99,6 +141,7 @@ class Request:
             finished=self.finished,
             prompt_logprobs=self.prompt_logprobs,
             num_cached_tokens=seqs[0].num_cached_tokens,
+            metrics=self.metrics(),
         )
 
     def _beam_output(self) -> RequestOutput:
@@ -116,5 +159,10 @@ class Request:
             for i, b in enumerate(self.beam.finished if done else [])
         ]
         return RequestOutput(
-            self.request_id, self.prompt, self.prompt_token_ids, outs, finished=done
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            outs,
+            finished=done,
+            metrics=self.metrics(),
         )

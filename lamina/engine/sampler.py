@@ -1,10 +1,10 @@
 """Batched sampling over rows that each carry their own settings.
 
-Order (as vLLM): logprobs of the model's own distribution are taken first; then logit bias,
-min_tokens blocking and penalties (these also steer greedy); then temperature, min_p, top-k and
-top-p; then a draw. The draw is an exponential race (argmax of p / E, E ~ Exp(1), picks i with
-probability p_i) whose noise comes from each sequence's own generator, so a seeded request gets
-the same tokens whatever else shares its batch.
+Order (as vLLM): logprobs of the model's own distribution are taken first; then allowed token
+ids, bad words, logit bias, min_tokens blocking and penalties (these also steer greedy); then
+temperature, min_p, top-k and top-p; then a draw. The draw is an exponential race (argmax of
+p / E, E ~ Exp(1), picks i with probability p_i) whose noise comes from each sequence's own
+generator, so a seeded request gets the same tokens whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -44,6 +44,18 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], vocab: int) -> t
     freq = torch.tensor([s.sampling_params.frequency_penalty for s in seqs], dtype=logits.dtype)
     pres = torch.tensor([s.sampling_params.presence_penalty for s in seqs], dtype=logits.dtype)
     return logits - freq.unsqueeze(1) * out_counts - pres.unsqueeze(1) * (out_counts > 0)
+
+
+def bad_word_bans(seq: Sequence) -> list[int]:
+    """The tokens `seq` may not generate next (vLLM's bad_words): the last token of each bad
+    word's token sequence whose other tokens end the output so far (a one-token word always)."""
+    out = seq.output_token_ids
+    bans = []
+    for word in seq.bad_words_ids:
+        head = len(word) - 1
+        if head == 0 or (head <= len(out) and out[len(out) - head :] == word[:-1]):
+            bans.append(word[-1])
+    return bans
 
 
 def top_k_top_p_min_p(
@@ -107,8 +119,24 @@ class Sampler:
         ]
 
     def _steer(self, logits: torch.Tensor, seqs: list[Sequence], vocab: int) -> torch.Tensor:
-        """Logit bias, min_tokens and penalties: the processors that change greedy too."""
+        """Allowed ids, bad words, logit bias, min_tokens and penalties: the processors that
+        change greedy too."""
         params = [s.sampling_params for s in seqs]
+        restricted = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+        if restricted:
+            logits = logits.clone()
+            for i in restricted:
+                allowed = torch.tensor(params[i].allowed_token_ids or [])
+                kept = logits[i, allowed]
+                logits[i] = float("-inf")
+                logits[i, allowed] = kept
+        banned = [
+            (i, ids) for i, s in enumerate(seqs) if s.bad_words_ids and (ids := bad_word_bans(s))
+        ]
+        if banned:
+            logits = logits.clone()
+            for i, ids in banned:
+                logits[i, torch.tensor(ids)] = float("-inf")
         if any(p.logit_bias for p in params):
             logits = logits.clone()
             for i, p in enumerate(params):

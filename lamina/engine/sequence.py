@@ -21,13 +21,36 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64's finalizer (Steele, Lea, Flood 2014): a bijection of 64-bit integers whose
+    outputs for neighbouring inputs look unrelated."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A 64-bit seed for stream `index` of `seed` (any Python ints). The pair is hashed, not
+    added: with `seed + index`, sample 1 of seed 1 was sample 0 of seed 2. Sample streams of a
+    request (index = sample index) and per-request seeds of an engine seed (index = request
+    number) both come from here."""
+    return splitmix64(splitmix64(seed & _MASK64) ^ (index & _MASK64))
+
+
 def make_generator(seed: int | None, index: int = 0) -> torch.Generator:
-    """Per-sample RNG: seeded requests are reproducible whatever else is batched."""
+    """Per-sample RNG: seeded requests are reproducible whatever else is batched; sample
+    `index` of a request draws from the stream `derive_seed(seed, index)`. (torch's CPU
+    generator keeps 32 bits of a seed, so two different pairs share a stream with probability
+    2**-32, without any structure.)"""
     g = torch.Generator()
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(seed + index)
+        g.manual_seed(derive_seed(seed, index))
     return g
 
 
@@ -61,6 +84,8 @@ class Sequence:
     cumulative_logprob: float = 0.0
     logprobs: SampleLogprobs | None = None
     generator: torch.Generator | None = None
+    # SamplingParams.bad_words as token id sequences (tokenized once, when the request is added)
+    bad_words_ids: list[list[int]] = field(default_factory=list)
     num_preemptions: int = 0
     # Dynamic NTK: the sequence length whose base all its tokens use, fixed at admission (None:
     # the trained base); also salts its prefix-cache hashes. See lamina/layers/rotary.py.
@@ -115,6 +140,7 @@ class Sequence:
             text=self.text,
             cumulative_logprob=self.cumulative_logprob,
             logprobs=None if self.logprobs is None else list(self.logprobs),
+            bad_words_ids=self.bad_words_ids,
             rope_len=self.rope_len,
         )
         child.output_token_ids = list(self.output_token_ids)

@@ -37,8 +37,12 @@ def load_model(
     dtype: str | torch.dtype | None = "auto",
     rope_scaling: str | dict[str, Any] | None = None,
     quantization: str | None = None,
+    tokenizer: str | Path | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face folder or a GGUF file (None: the default SmolLM2 GGUF).
+
+    tokenizer: take the tokenizer from this Hugging Face folder or .gguf file instead of the
+    model's own (vLLM's `tokenizer=`); its ids must fit the model's vocabulary.
 
     rope_scaling overrides the checkpoint's RoPE scheme (JSON text or a dict, see
     `RopeConfig.from_user`).
@@ -51,6 +55,7 @@ def load_model(
     """
     path = resolve_model(model)
     torch_dtype = parse_dtype(dtype)
+    override = None if tokenizer is None else load_tokenizer(tokenizer)  # before the weights
     # --- native quantized loading (gguf_native / autoawq) ---
     if quantization not in QUANTIZATION_CHOICES:
         raise ValueError(
@@ -62,7 +67,7 @@ def load_model(
     # --- end native quantized loading ---
     if path.is_dir():
         config = _override_rope(hf.load_hf_config(path), rope_scaling)
-        tokenizer = Tokenizer.from_hf_folder(path)
+        tok = _own_or(override, config, tokenizer) or Tokenizer.from_hf_folder(path)
         net = LlamaForCausalLM(config, torch_dtype)
         qcfg = quant_config_of(path)
         awq = autoawq.awq_config_of(path)  # AutoAWQ GEMM checkpoint (raises for others)
@@ -78,7 +83,7 @@ def load_model(
             raise ValueError(f"{path} is a file but not a .gguf; pass a .gguf file or a folder")
         reader = gguf_format.open_gguf(path)
         config = _override_rope(gguf_format.gguf_config(reader), rope_scaling)
-        tokenizer = Tokenizer.from_gguf(reader)
+        tok = _own_or(override, config, tokenizer) or Tokenizer.from_gguf(reader)
         net = LlamaForCausalLM(config, torch_dtype)
         if quantization == "gguf":
             load_gguf_native(net, reader, config, torch_dtype)
@@ -87,9 +92,33 @@ def load_model(
         gen = {}
         del reader
     net.eval()
-    return LoadedModel(
-        path=path, config=config, model=net, tokenizer=tokenizer, generation_config=gen
+    return LoadedModel(path=path, config=config, model=net, tokenizer=tok, generation_config=gen)
+
+
+def load_tokenizer(source: str | Path) -> Tokenizer:
+    """The tokenizer of a Hugging Face folder (tokenizer.json) or of a .gguf file."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise ValueError(f"tokenizer={str(source)!r} is invalid: {path} has no tokenizer.json")
+        return Tokenizer.from_hf_folder(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return Tokenizer.from_gguf(gguf_format.open_gguf(path))
+    raise ValueError(
+        f"tokenizer={str(source)!r} is invalid: it is neither a Hugging Face folder nor a "
+        ".gguf file"
     )
+
+
+def _own_or(override: Tokenizer | None, config: ModelConfig, source: object) -> Tokenizer | None:
+    """The `tokenizer=` override, checked against the model's vocabulary (None: none given)."""
+    if override is not None and override.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"tokenizer={str(source)!r} is invalid: it has {override.vocab_size} ids but the "
+            f"model's vocabulary holds {config.vocab_size}; use a tokenizer of the model's "
+            "vocabulary"
+        )
+    return override
 
 
 def _override_rope(config: ModelConfig, rope_scaling: str | dict[str, Any] | None) -> ModelConfig:
