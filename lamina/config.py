@@ -128,20 +128,21 @@ class ModelConfig:
         missing = [k for k in required if k not in cfg]
         if missing:
             raise ValueError(f"config.json lacks required fields {missing}")
-        heads = int(cfg["num_attention_heads"])
+        heads = _size(cfg, "num_attention_heads")
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        hidden = _size(cfg, "hidden_size")
         return ModelConfig(
             model_type=str(model_type),
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            vocab_size=_size(cfg, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_size(cfg, "intermediate_size"),
+            num_hidden_layers=_size(cfg, "num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            num_key_value_heads=_size(cfg, "num_key_value_heads", heads),
+            head_dim=_size(cfg, "head_dim", hidden // heads),
+            max_position_embeddings=_size(cfg, "max_position_embeddings", 2048),
+            rms_norm_eps=_positive_float(cfg, "rms_norm_eps", 1e-6),
             rope=RopeConfig.from_hf(cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
@@ -186,6 +187,26 @@ class ModelConfig:
             out["attention_bias"] = self.attention_bias
             out["mlp_bias"] = self.mlp_bias
         return out
+
+
+def _size(cfg: dict[str, Any], name: str, default: int | None = None) -> int:
+    """An integer >= 1 from config.json (`default` when absent or null), or a ValueError
+    naming the field and its value."""
+    value = cfg.get(name)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise ValueError(f"config.json field {name}={value!r} is not an integer")
+    if value < 1:
+        raise ValueError(f"config.json field {name}={value!r} must be >= 1")
+    return int(value)
+
+
+def _positive_float(cfg: dict[str, Any], name: str, default: float) -> float:
+    value = cfg.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"config.json field {name}={value!r} must be a number > 0")
+    return float(value)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -126,3 +127,27 @@ def test_cache_too_small_for_context(tiny_model_factory):
     folder, _ = tiny_model_factory("llama_gqa")
     with pytest.raises(ValueError, match="cannot hold one sequence of max_model_len=256"):
         LLM(str(folder), num_kv_blocks=2, block_size=16, max_model_len=256)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("num_hidden_layers", "two", "num_hidden_layers='two' is not an integer"),
+        ("hidden_size", 0, "hidden_size=0 must be >= 1"),
+        ("num_key_value_heads", 1.5, "num_key_value_heads=1.5 is not an integer"),
+        ("rms_norm_eps", -1, "rms_norm_eps=-1 must be a number > 0"),
+    ],
+)
+def test_a_bad_config_field_is_named(field, value, words):
+    from lamina.config import ModelConfig
+
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 32,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ModelConfig.from_hf({**cfg, field: value})

@@ -127,7 +127,7 @@ def test_console_script_on_default_model(smollm2_path):
     """The installed `lamina` entry point runs the default model end to end."""
     exe = [sys.executable, "-m", "lamina.cli"]
     res = subprocess.run(
-        [*exe, "run", "--max-tokens", "12", "The capital of France is"],
+        [*exe, "run", "--raw", "--max-tokens", "12", "The capital of France is"],
         capture_output=True,
         text=True,
         timeout=300,
