@@ -76,7 +76,8 @@ class _FastGGUFReader(gguf.GGUFReader):
         count = int(count)
         arr = plain[offset : offset + dt.itemsize * count].view(dt)[:count]
         order = self.byte_order if override_order is None else override_order
-        return arr.view(arr.dtype.newbyteorder(order))
+        out: np.ndarray = arr.view(arr.dtype.newbyteorder(order))
+        return out
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
@@ -160,7 +161,9 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's `permute` of q/k rows (interleaved pairs -> halves per head)."""
     rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    heads = w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
+    out: np.ndarray = heads.swapaxes(1, 2).reshape(w.shape)
+    return out
 
 
 def permuted_heads(config: ModelConfig, path: str) -> int | None:

@@ -21,9 +21,10 @@ from lamina.config import ModelConfig
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    return data
 
 
 def load_hf_config(folder: Path) -> ModelConfig:

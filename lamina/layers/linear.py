@@ -13,6 +13,8 @@ stays bit-for-bit invariant there.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +22,9 @@ from torch import nn
 
 def can_pack(weight: torch.Tensor) -> bool:
     """Whether this torch build can run `weight` as a oneDNN-packed CPU GEMM."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    # torch.backends.mkldnn.is_available is unannotated in torch (it returns a bool)
+    mkldnn = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+    if weight.device.type != "cpu" or not mkldnn:
         return False
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
@@ -31,14 +35,16 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] weight -> an opaque oneDNN tensor for `packed_linear` (`.to_dense()` undoes)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+    return cast(torch.Tensor, packed)
 
 
 def packed_linear(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """y = x W^T (+ b) for a 2-D x and a weight from `pack_weight`."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    return cast(torch.Tensor, y)
 
 
 class Linear(nn.Module):

@@ -76,7 +76,7 @@ def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
 def ntk_theta(rope: RopeConfig, dim: int) -> float:
     """Static NTK-aware base: theta * alpha^(d/(d-2)), alpha = `alpha` or else `factor`."""
     alpha = rope.alpha if rope.alpha is not None else rope.factor
-    return rope.theta * alpha ** (dim / (dim - 2))
+    return float(rope.theta * alpha ** (dim / (dim - 2)))
 
 
 def dynamic_theta(rope: RopeConfig, dim: int, max_pos: int, seq_lens: torch.Tensor) -> torch.Tensor:
@@ -175,6 +175,8 @@ def rope_inv_freq(
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to flat [tokens, heads, head_dim] q and k at arbitrary per-token positions."""
 
+    inv_freq: torch.Tensor  # buffer, registered in __init__
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.head_dim = config.head_dim
@@ -189,7 +191,10 @@ class RotaryEmbedding(nn.Module):
         self._cos, self._sin = self._table(inv_freq, self.max_pos)
         # dynamic NTK: rope_len -> (cos, sin) tables with the base theta(rope_len), LRU
         self._dynamic_tables: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._memo: tuple | None = None
+        # the last `cos_sin` answer: (positions, rope_lens, dtype, cos, sin)
+        self._memo: (
+            tuple[torch.Tensor, torch.Tensor | None, torch.dtype, torch.Tensor, torch.Tensor] | None
+        ) = None
 
     def _table(self, inv_freq: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 cos/sin rows for positions 0 .. length-1, [length, rotary_dim]."""

@@ -98,7 +98,7 @@ class WeightLayout:
                 f"{fused} has {sum(sizes)} rows ({sizes}) for this config, the tensor "
                 f"{tensor.shape[0]}"
             )
-        return list(tensor.split(sizes, dim=0))
+        return list(torch.split(tensor, sizes, dim=0))
 
     def fuse(self, fused: str, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """The checkpoint parts' tensors (in `checkpoint_parts` order) stacked into `fused`'s."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -27,6 +27,10 @@ from lamina.layers.linear import Linear, can_pack, pack_weight, packed_linear
 from lamina.layers.norm import RMSNorm
 from lamina.layers.rotary import RotaryEmbedding, apply_rotary
 from lamina.models.layout import PackedModule, WeightLayout
+
+if TYPE_CHECKING:  # only for the attributes quantize_model and prune_model attach
+    from lamina.prune.wanda import PruneConfig
+    from lamina.quant.apply import QuantConfig
 
 
 class LlamaAttention(nn.Module):
@@ -58,15 +62,18 @@ class LlamaAttention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         cos, sin = self.rotary.cos_sin(positions, qkv.dtype, meta.rope_lens)
         if not meta.keys_rotated_on_read:  # q and k heads rotated in one pass: half the ops
-            q, k = apply_rotary(qk, cos, sin, self.rotary.rotary_dim).split(
-                [self.num_heads, self.num_kv_heads], dim=1
+            q, k = torch.split(
+                apply_rotary(qk, cos, sin, self.rotary.rotary_dim),
+                [self.num_heads, self.num_kv_heads],
+                dim=1,
             )
         else:  # StreamingLLM / H2O by rank: keys are cached un-rotated and rotated when read
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            q, k = torch.split(qk, [self.num_heads, self.num_kv_heads], dim=1)
             q = apply_rotary(q, cos, sin, self.rotary.rotary_dim)
         k = k.contiguous()
         out = self.backend.forward(q, k, v.contiguous(), kv, meta, self.scale, self.rotary)
-        return self.o_proj(out.view(-1, self.q_size))
+        y: torch.Tensor = self.o_proj(out.view(-1, self.q_size))
+        return y
 
 
 class LlamaMLP(nn.Module):
@@ -80,7 +87,8 @@ class LlamaMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        y: torch.Tensor = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return y
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -99,7 +107,8 @@ class LlamaDecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         h = h + self.self_attn(positions, self.input_layernorm(h), kv, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        out: torch.Tensor = h + self.mlp(self.post_attention_layernorm(h))
+        return out
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -168,15 +177,26 @@ class LlamaForCausalLM(nn.Module):
         # a compact exact lookup for a tied embedding (GGUF rows), which lets pack_weights drop
         # the dense table once it serves as the packed head
         self.embed_lookup: nn.Module | None = None
+        # attached by quantize_model / load_quantized and prune_model (what save_* writes), and
+        # by the native-quant readers ({module path: source format type} of native linears)
+        self.quant_config: QuantConfig | None = None
+        self.prune_config: PruneConfig | None = None
+        self.gguf_native: dict[str, str] | None = None
+        self.awq_native: dict[str, str] | None = None
+
+    @property
+    def decoder_layers(self) -> list[LlamaDecoderLayer]:
+        """`layers`, typed (to a type checker a ModuleList holds plain Modules)."""
+        return [cast(LlamaDecoderLayer, layer) for layer in self.layers]
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         """Make every layer attend through `backend` (chosen by the engine at start)."""
-        for layer in self.layers:
+        for layer in self.decoder_layers:
             layer.self_attn.backend = backend
 
     @property
     def attention_backend(self) -> AttentionBackend:
-        return self.layers[0].self_attn.backend
+        return self.decoder_layers[0].self_attn.backend
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -192,12 +212,14 @@ class LlamaForCausalLM(nn.Module):
         h = self.embed(input_ids)
         for layer, kv in zip(self.layers, kv_cache):
             h = layer(positions, h, kv, meta)
-        return self.norm(h)
+        out: torch.Tensor = self.norm(h)
+        return out
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings, from the dense table or, once it is dropped, the compact one."""
         if self.embed_lookup is not None and self.embed_tokens.numel() == 0:
-            return self.embed_lookup(input_ids)
+            rows: torch.Tensor = self.embed_lookup(input_ids)
+            return rows
         return self.embed_tokens[input_ids]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

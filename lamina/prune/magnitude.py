@@ -91,7 +91,7 @@ def prune_mask(
         raise ValueError(f"unknown comparison group {group!r}; accepted: {GROUPS}")
     if len(shards) == 1:
         return layer_mask(score, sparsity)
-    return torch.cat([layer_mask(s, sparsity) for s in score.split(shards, dim=0)])
+    return torch.cat([layer_mask(s, sparsity) for s in torch.split(score, shards, dim=0)])
 
 
 def decoder_linears(model: LlamaForCausalLM, layer: int) -> dict[str, Linear]:

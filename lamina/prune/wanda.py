@@ -18,6 +18,7 @@ of the dense model, one pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from lamina.attention.metadata import AttentionMetadata
 from lamina.kv.cache import KVCache
+from lamina.layers.linear import Linear
 from lamina.models.llama import LlamaForCausalLM, on_row_major_weights
 from lamina.prune.magnitude import (
     GROUPS,
@@ -64,7 +66,11 @@ def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().float() * input_norm.float()[None, :]
 
 
-def _scratch_cache(model: LlamaForCausalLM, n: int, block_size: int = 16):
+# a scratch KV cache and its prefill metadata, per calibration sequence length
+_Scratch = tuple[KVCache, AttentionMetadata]
+
+
+def _scratch_cache(model: LlamaForCausalLM, n: int, block_size: int = 16) -> _Scratch:
     """A throwaway paged KV cache and prefill metadata for one n-token sequence."""
     blocks = -(-n // block_size)
     cache = KVCache(model.config, blocks, block_size, model.dtype)
@@ -74,27 +80,28 @@ def _scratch_cache(model: LlamaForCausalLM, n: int, block_size: int = 16):
 
 @torch.inference_mode()
 def _run_layer(
-    model: LlamaForCausalLM, i: int, hs: list[torch.Tensor], caches: dict[int, Any]
+    model: LlamaForCausalLM, i: int, hs: list[torch.Tensor], caches: dict[int, _Scratch]
 ) -> list[torch.Tensor]:
     """Layer i applied to each calibration sequence's hidden states (one prefill each)."""
-    out = []
+    layer = model.decoder_layers[i]
+    out: list[torch.Tensor] = []
     for h in hs:
         n = h.shape[0]
         if n not in caches:
             caches[n] = _scratch_cache(model, n)
         cache, meta = caches[n]
-        out.append(model.layers[i](torch.arange(n), h, cache.layer(i), meta))
+        out.append(layer(torch.arange(n), h, cache.layer(i), meta))
     return out
 
 
 def _input_norms(
-    model: LlamaForCausalLM, i: int, hs: list[torch.Tensor], caches: dict[int, Any]
+    model: LlamaForCausalLM, i: int, hs: list[torch.Tensor], caches: dict[int, _Scratch]
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """||X_j||_2 over all tokens for every linear of layer i, and the layer's outputs."""
     sumsq: dict[str, torch.Tensor] = {}
 
-    def hook(name: str):
-        def fn(mod: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    def hook(name: str) -> Callable[[Linear, tuple[torch.Tensor, ...]], None]:
+        def fn(mod: Linear, inputs: tuple[torch.Tensor, ...]) -> None:
             x = inputs[0].reshape(-1, mod.in_features).float()
             sumsq[name] = sumsq.get(name, 0) + x.square().sum(0, dtype=torch.float64)
 
@@ -161,7 +168,7 @@ def prune_model(
         seqs = split_ids(calib_ids or [], min(seq_len, model.config.max_position_embeddings))
         if not seqs:
             raise ValueError("wanda needs at least one calibration token")
-        caches: dict[int, Any] = {}
+        caches: dict[int, _Scratch] = {}
         with torch.inference_mode():
             hs = [model.embed(torch.tensor(s)) for s in seqs]
         for i in tqdm(range(num_layers), desc="wanda pruning", unit="layer", disable=not progress):

@@ -89,7 +89,7 @@ def decoder_linears(model: LlamaForCausalLM) -> list[tuple[str, nn.Module, str]]
     return out
 
 
-def empty_linear(cfg: QuantConfig, lin: Linear | nn.Module, dtype: torch.dtype) -> nn.Module:
+def empty_linear(cfg: QuantConfig, lin: Linear, dtype: torch.dtype) -> nn.Module:
     """An unfilled quantized module shaped like `lin` (for loading a checkpoint)."""
     args = (lin.in_features, lin.out_features, lin.bias is not None, dtype)
     if cfg.linear_kind == "int4":
@@ -134,20 +134,21 @@ def quantize_model(
     validate(method, group_size)
     if any(not isinstance(getattr(o, a), Linear) for _, o, a in decoder_linears(model)):
         raise ValueError("the model is already quantized; load the float checkpoint again")
-    if method in ("awq", "smoothquant") and not calib_ids:
+    calib = calib_ids or []
+    if method in ("awq", "smoothquant") and not calib:
         raise ValueError(f"{method} needs calibration token ids (calib_ids)")
     options: dict[str, Any] = {}
     clips: dict[str, torch.Tensor] = {}
     if method == "awq":
-        stats = collect_stats(model, calib_ids, max_calib_rows, seq_len, progress)
+        stats = collect_stats(model, calib, max_calib_rows, seq_len, progress)
         clips = apply_awq(model, stats, group_size, n_grid, clip, progress)
         options = {"n_grid": n_grid, "clip": clip}
     elif method == "smoothquant":
-        stats = collect_stats(model, calib_ids, 0, seq_len, progress)
+        stats = collect_stats(model, calib, 0, seq_len, progress)
         apply_smoothquant(model, stats, alpha)
         options = {"alpha": alpha}
     if method in ("awq", "smoothquant"):
-        options["calib_tokens"] = sum(len(s) for s in calib_ids)
+        options["calib_tokens"] = sum(len(s) for s in calib)
     cfg = make_config(method, group_size, **options)
     linears = decoder_linears(model)  # layer by layer, the layout's linears in each
     step = len(model.layout.fused_names)

@@ -26,12 +26,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
 
 from lamina.formats import hf
+from lamina.layers.linear import Linear
 from lamina.models.llama import LlamaForCausalLM
 from lamina.quant.base import check_shape
 from lamina.quant.gguf_native import int4_from_codes
@@ -126,15 +127,18 @@ class _Tensors:
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise ValueError(f"AutoAWQ checkpoint is missing tensor {name}")
-        return self.where[name].get_tensor(name)
+        tensor: torch.Tensor = self.where[name].get_tensor(name)
+        return tensor
 
 
-def _checked(src: _Tensors, prefix: str, in_f: int, out_f: int, group: int) -> list[torch.Tensor]:
+def _checked(
+    src: _Tensors, prefix: str, in_f: int, out_f: int, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     qweight, qzeros, scales = (src[f"{prefix}.{leaf}"] for leaf in _QUANT_LEAVES)
     check_shape(f"{prefix}.qweight", qweight, (in_f, out_f // 8))
     check_shape(f"{prefix}.qzeros", qzeros, (in_f // group, out_f // 8))
     check_shape(f"{prefix}.scales", scales, (in_f // group, out_f))
-    return [qweight, qzeros, scales]
+    return qweight, qzeros, scales
 
 
 @torch.no_grad()
@@ -149,7 +153,7 @@ def load_autoawq(net: LlamaForCausalLM, folder: str | Path, cfg: AwqConfig) -> d
         src = _Tensors(folder, stack)
         for i, layer in enumerate(net.layers):
             for fused in net.layout.fused_names:
-                lin = layer.get_submodule(fused)
+                lin = cast(Linear, layer.get_submodule(fused))  # a freshly built model's
                 prefixes = [f"model.layers.{i}.{p}" for p in net.layout.checkpoint_parts(fused)]
                 quant = [f"{p}.qweight" in src for p in prefixes]
                 sizes = net.layout.shard_sizes(fused)

@@ -9,7 +9,9 @@ stride spreads the rows over all calibration text instead of its first sequence)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +20,12 @@ from lamina.attention.metadata import AttentionMetadata
 from lamina.kv.cache import KVCache
 from lamina.layers.linear import Linear
 from lamina.models.llama import LlamaForCausalLM
+
+
+class TextEncoder(Protocol):
+    """What calibration needs of a tokenizer (lamina.loading.tokenizer.Tokenizer has it)."""
+
+    def encode(self, text: str) -> list[int]: ...
 
 
 @dataclass
@@ -50,7 +58,8 @@ def forward_hidden(model: LlamaForCausalLM, ids: list[int], block_size: int = 16
     cache = KVCache(model.config, num_blocks, block_size, model.dtype)
     meta = AttentionMetadata.build([n], [n], [list(range(num_blocks))], block_size)
     kv = [cache.layer(i) for i in range(model.config.num_hidden_layers)]
-    return model(torch.tensor(ids), torch.arange(n), kv, meta)
+    hidden: torch.Tensor = model(torch.tensor(ids), torch.arange(n), kv, meta)
+    return hidden
 
 
 @torch.inference_mode()
@@ -64,7 +73,9 @@ def split_ids(calib_ids: list[list[int]], seq_len: int) -> list[list[int]]:
     return [s[i : i + seq_len] for s in calib_ids for i in range(0, len(s), seq_len) if s[i:]]
 
 
-def calib_ids_from_text(tokenizer, text: str, num_tokens: int, seq_len: int) -> list[list[int]]:
+def calib_ids_from_text(
+    tokenizer: TextEncoder, text: str, num_tokens: int, seq_len: int
+) -> list[list[int]]:
     """The first num_tokens tokens of text, in sequences of seq_len."""
     ids = tokenizer.encode(text)[:num_tokens]
     if not ids:
@@ -92,7 +103,7 @@ def collect_stats(
     stats: dict[str, ActStats] = {}
     offset = [0]  # token index of the current sequence's first token
 
-    def make_hook(name: str, k: int):
+    def make_hook(name: str, k: int) -> Callable[[Linear, tuple[torch.Tensor, ...]], None]:
         st = ActStats(torch.zeros(k), torch.zeros(k, dtype=torch.float64))
         stats[name] = st
 

@@ -63,7 +63,7 @@ def scale_groups(
     assert v_rows is not None
     assert up_rows is not None
     groups: list[ScaleGroup] = []
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(model.decoder_layers):
         p = f"layers.{i}."
         attn, mlp = layer.self_attn, layer.mlp
         groups.append(

@@ -61,7 +61,8 @@ class BlockCodes:
         """float32 [N, K] (the same numbers `gguf.quants.dequantize` gives)."""
         n, k = self.values.shape
         v = self.values.reshape(n, k // GROUP, GROUP).astype(np.float32)
-        return (self.scales[..., None] * v + self.offsets[..., None]).reshape(n, k)
+        w: np.ndarray = (self.scales[..., None] * v + self.offsets[..., None]).reshape(n, k)
+        return w
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -178,7 +179,7 @@ class SplitInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xb = x.to(COMPUTE_DTYPE)
-        y = self.inner(torch.cat([xb, xb], dim=-1)).to(x.dtype)
+        y: torch.Tensor = self.inner(torch.cat([xb, xb], dim=-1)).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -209,6 +210,8 @@ class GGUFRowTable(nn.Module):
     values are exactly those of the dense table. An untied model needs no dense embedding at
     all; a tied one drops it once the LM head is packed (`LlamaForCausalLM.pack_weights`).
     SmolLM2's Q8_0 table is 30 MB where the dense one is 57 MB in bf16 and 113 MB in float32."""
+
+    rows: torch.Tensor  # buffer, registered in __init__
 
     def __init__(self, rows: np.ndarray, qtype: gguf.GGMLQuantizationType, dtype: torch.dtype):
         super().__init__()
@@ -290,6 +293,6 @@ def model_bytes(net: nn.Module) -> int:
     seen: dict[int, int] = {}
     for t in tensors:  # shared storage (tied embeddings) counted once
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    packed = [getattr(m, "packed", None) for m in net.modules()]
+    packed: list[torch.Tensor | None] = [getattr(m, "packed", None) for m in net.modules()]
     packed.append(getattr(net, "packed_lm_head", None))
     return sum(seen.values()) + sum(p.numel() * p.element_size() for p in packed if p is not None)

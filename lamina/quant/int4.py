@@ -130,6 +130,8 @@ class Int4Linear(nn.Module):
     """y = x W^T + b with W held as group-wise int4 codes (see the module docstring)."""
 
     method = "int4"
+    qweight: torch.Tensor  # buffers, registered in __init__
+    scales_zeros: torch.Tensor
 
     def __init__(
         self,
@@ -172,7 +174,7 @@ class Int4Linear(nn.Module):
         if clip is not None and clip.shape[0] != mod.n_pad:
             clip = F.pad(clip, (0, 0, 0, mod.n_pad - clip.shape[0]), value=1.0)
         mod._set_codes(*quantize_groupwise(w, group_size, clip))
-        if bias is not None:
+        if bias is not None and mod.bias is not None:
             mod.bias.data = bias.detach().clone()
         return mod
 

@@ -45,6 +45,8 @@ class Int8WeightLinear(nn.Module):
     `scale_dtype`, optional float bias; subclasses say how the matmul runs."""
 
     scale_dtype: torch.dtype = torch.float32
+    qweight: torch.Tensor  # buffers, registered in __init__
+    scales: torch.Tensor
 
     def __init__(
         self,
@@ -69,7 +71,7 @@ class Int8WeightLinear(nn.Module):
         dtype = bias.dtype if bias is not None else weight.dtype
         mod = cls(k, n, bias is not None, dtype)
         mod.qweight, mod.scales = quantize_per_channel(weight, cls.scale_dtype)
-        if bias is not None:
+        if bias is not None and mod.bias is not None:
             mod.bias.data = bias.detach().clone()
         return mod
 

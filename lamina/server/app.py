@@ -145,7 +145,8 @@ def build_app(engine: LLMEngine | AsyncEngine, settings: ServerSettings | None =
 
 
 def _serving(request: Request) -> Serving:
-    return request.app.state.serving
+    serving: Serving = request.app.state.serving
+    return serving
 
 
 async def tokenizer_info(request: Request) -> JSONResponse:

@@ -329,12 +329,14 @@ class AsyncEngine:
         routes = list(self._routes.items())
         self._routes.clear()
         self.engine.abort([rid for rid, _ in routes] + list(self.engine.requests))
-        for _ in routes if self.observer is not None else []:
-            self.observer.finished(None, "abort")  # type: ignore[union-attr]
+        observer = self.observer
+        if observer is not None:
+            for _ in routes:
+                observer.finished(None, "abort")
         if error is not None:
             failure = RuntimeError(f"the engine failed: {type(error).__name__}: {error}")
             streams = {id(r.stream): r.stream for _, r in routes}
-            self._deliver([(s, -1, failure) for s in streams.values()])  # type: ignore[misc]
+            self._deliver([(s, -1, failure) for s in streams.values()])
         else:
             self._deliver([(r.stream, r.index, None) for _, r in routes])
         self._take_snapshot()

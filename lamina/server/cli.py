@@ -75,7 +75,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
-def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_serve_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)

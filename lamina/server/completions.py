@@ -61,7 +61,7 @@ def _prompts(sv: Serving, prompt: object) -> list[_Prompt]:
     if isinstance(prompt, str):
         items: list[str | list[int]] = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        items = [prompt]  # type: ignore[list-item]
+        items = [prompt]
     else:
         items = list(prompt)  # type: ignore[call-overload]
     if not items:

@@ -82,7 +82,9 @@ class ServerMetrics:
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
-        disable_created_metrics()  # no `*_created` series (process-wide; vLLM does the same)
+        # no `*_created` series (process-wide; vLLM does the same); prometheus_client leaves
+        # this function unannotated
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         r = self.registry
         labels = ["model_name"]

@@ -178,6 +178,7 @@ class Serving:
         `token_logprob == max(top_logprobs.values())`, and both come from one tensor."""
         lp = into or CompletionLogprobs()
         for tid, entry in zip(token_ids, entries):
+            top: dict[str, float] | None
             if entry is None:  # the first prompt token has no context
                 token, value, top = self.decode_token(tid), None, None
             else:
