@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -128,7 +128,7 @@ class LLM:
         prompts = [
             {
                 "prompt_token_ids": self.tokenizer.apply_chat_template(
-                    conv,
+                    cast(list[dict[str, Any]], conv),
                     add_generation_prompt=add_generation_prompt,
                     tokenize=True,
                     chat_template=chat_template,

@@ -152,7 +152,8 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> list[str]:
         """Vocabulary spellings (e.g. "Ġthe" in byte-level vocabularies)."""
         ids = [ids] if isinstance(ids, int) else ids
-        return [self.backend.id_to_token(int(i)) for i in ids]
+        # tokenizers returns None only for ids outside the vocabulary
+        return [self.backend.id_to_token(int(i)) or "" for i in ids]
 
     def apply_chat_template(
         self,
@@ -236,7 +237,10 @@ class Tokenizer:
         stops = [stops] if isinstance(stops, int) else list(stops)
         tok = cls(
             backend,
-            **special,
+            bos_token=special["bos_token"],
+            eos_token=special["eos_token"],
+            pad_token=special["pad_token"],
+            unk_token=special["unk_token"],
             chat_template=templates,
             model_max_length=limit if isinstance(limit, int) and limit < _NO_LIMIT else None,
             stop_token_ids=stops,
