@@ -90,6 +90,7 @@ async def create_chat_completion(sv: Serving, req: ChatCompletionRequest, raw: R
     ids = await asyncio.to_thread(
         render_chat, sv, req.messages, req.add_generation_prompt, req.chat_template_kwargs
     )
+    ids = sv.truncate(ids, req.truncate_prompt_tokens)
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else (req.max_tokens)
     )

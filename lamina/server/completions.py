@@ -45,6 +45,11 @@ class _Prompt:
         else:
             self._text, self.ids = None, list(prompt)
 
+    def truncate(self, ids: list[int]) -> None:
+        """Keep only `ids` (the prompt's tail): echo then shows what the model saw."""
+        if len(ids) != len(self.ids):
+            self._text, self.ids = None, ids
+
     @property
     def text(self) -> str:
         if self._text is None:
@@ -84,6 +89,9 @@ async def create_completion(sv: Serving, req: CompletionRequest, raw: Request) -
         raise APIError("best_of must equal n when streaming", 400, param="best_of")
     # tokenizing a long prompt takes milliseconds: off the event loop, which streams everyone
     prompts = await asyncio.to_thread(_prompts, sv, req.prompt)
+    for p in prompts:
+        if req.truncate_prompt_tokens is not None:
+            p.truncate(sv.truncate(p.ids, req.truncate_prompt_tokens))
     want_prompt_lp = req.echo and req.logprobs is not None
     params = [
         sv.sampling_params(

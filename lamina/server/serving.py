@@ -61,6 +61,20 @@ class Serving:
                 code="model_not_found",
             )
 
+    @staticmethod
+    def truncate(ids: list[int], keep: int | None) -> list[int]:
+        """The last `keep` prompt ids (vLLM's truncate_prompt_tokens), before any length check,
+        so usage, echo and the context check all see the prompt the model sees."""
+        if keep is None:
+            return ids
+        if keep < 1:
+            raise APIError(
+                f"truncate_prompt_tokens={keep} is invalid; it must be >= 1",
+                400,
+                param="truncate_prompt_tokens",
+            )
+        return ids[-keep:]
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
@@ -136,6 +150,10 @@ class Serving:
             "ignore_eos": req.ignore_eos,
             "skip_special_tokens": req.skip_special_tokens,
             "logit_bias": bias,
+            "include_stop_str_in_output": req.include_stop_str_in_output,
+            "bad_words": req.bad_words,
+            "allowed_token_ids": req.allowed_token_ids,
+            "truncate_prompt_tokens": req.truncate_prompt_tokens,
         }
         for name in (
             "temperature",
