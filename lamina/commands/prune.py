@@ -13,12 +13,12 @@ from pathlib import Path
 
 from lamina.commands.boundary import (
     UsageError,
-    add_force_flag,
     check_min,
     check_out_dir,
     loading,
     usage_errors,
 )
+from lamina.commands.model_edit import add_calibration_size_args, add_source_and_output_args
 from lamina.prune.checkpoint import save_pruned
 from lamina.prune.magnitude import parse_n_m, sparsity_of
 from lamina.prune.wanda import METHODS
@@ -39,13 +39,7 @@ def add_prune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         description="Unstructured or N:M pruning of the decoder linears. wanda scores weights "
         "by |W| x input norm on --calib text; magnitude by |W| alone.",
     )
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument(
-        "--model", "-m", default=None, help="float HF folder or .gguf (default: SmolLM2 GGUF)"
-    )
-    p.add_argument("--out", required=True, help="output folder")
-    add_force_flag(p)
-    p.add_argument("--calib", default=None, help="UTF-8 text file for calibration (wanda)")
+    add_source_and_output_args(p, METHODS, "wanda")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
         "--sparsity", type=float, default=0.5, help="fraction of weights pruned (unstructured)"
@@ -58,10 +52,7 @@ def add_prune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="comparison group for unstructured pruning (default: row for wanda, layer for "
         "magnitude)",
     )
-    p.add_argument(
-        "--num-calib-tokens", type=int, default=16384, help="calibration tokens read from --calib"
-    )
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    add_calibration_size_args(p)
     p.add_argument(
         "--dense-calibration",
         action="store_true",

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from lamina.commands.boundary import (
     UsageError,
-    add_force_flag,
     check_min,
     check_out_dir,
     loading,
     usage_errors,
 )
+from lamina.commands.model_edit import add_calibration_size_args, add_source_and_output_args
 from lamina.quant.apply import METHODS, validate
 
 
@@ -29,20 +29,9 @@ def add_quantize_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         description="Post-training quantization of the decoder linears. awq and smoothquant "
         "calibrate on --calib text; int8 and rtn4 need no data.",
     )
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument(
-        "--model", "-m", default=None, help="float HF folder or .gguf (default: SmolLM2 GGUF)"
-    )
-    p.add_argument("--out", required=True, help="output folder")
-    add_force_flag(p)
-    p.add_argument(
-        "--calib", default=None, help="UTF-8 text file for calibration (awq, smoothquant)"
-    )
+    add_source_and_output_args(p, METHODS, "awq, smoothquant")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128, 256")
-    p.add_argument(
-        "--num-calib-tokens", type=int, default=16384, help="calibration tokens read from --calib"
-    )
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    add_calibration_size_args(p)
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength")
     p.add_argument("--no-clip", action="store_true", help="AWQ: skip the clipping search")
     p.set_defaults(func=cmd_quantize)
