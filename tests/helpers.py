@@ -82,3 +82,14 @@ TINY_CONFIGS: dict[str, dict] = {
         "sliding_window": None,
     },
 }
+
+
+# SamplingParams' float fields (each must reject NaN / infinity, offline and over HTTP)
+SAMPLING_FLOAT_FIELDS = [
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+]

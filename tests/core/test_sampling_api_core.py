@@ -14,17 +14,11 @@ from lamina.engine.sampler import Sampler, bad_word_bans
 from lamina.engine.sequence import Sequence, derive_seed, make_generator
 from lamina.engine_config import EngineConfig
 from lamina.sampling_params import BeamSearchParams, SamplingParams
+from tests.helpers import SAMPLING_FLOAT_FIELDS
 
 V = 12
 NON_FINITE = [math.nan, math.inf, -math.inf]
-FLOAT_FIELDS = [
-    "temperature",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-]
+FLOAT_FIELDS = SAMPLING_FLOAT_FIELDS
 
 
 # ---- non-finite numbers ------------------------------------------------------------------

@@ -6,18 +6,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from tests.helpers import SAMPLING_FLOAT_FIELDS
 from tests.helpers import SERVED_MODEL_NAME as MODEL
 
 COMPLETION = f'{{"model": "{MODEL}", "prompt": "hi", "max_tokens": 4, '
 CHAT = f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "hi"}}], '
-FLOATS = [
-    "temperature",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-]
+FLOATS = SAMPLING_FLOAT_FIELDS
 INTS = ["n", "seed", "top_k", "best_of", "logprobs", "max_tokens"]
 LITERALS = ["NaN", "Infinity", "-Infinity"]
 
