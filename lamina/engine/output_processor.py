@@ -40,6 +40,10 @@ class StepPlan:
         return len(self.rows) - 1
 
 
+# (plan, request, sequence, first position fed, tokens fed, its first row in the batch)
+Planner = Callable[[StepPlan, Request, Sequence, int, int, int], None]
+
+
 class OutputProcessor:
     def __init__(
         self,
@@ -56,9 +60,12 @@ class OutputProcessor:
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
         self.generation_tokens = 0
-        self._planners: dict[str, Callable[[StepPlan, Request, Sequence, int, int, int], None]]
-        self._planners = {"sample": self._plan_sample, "beam": self._plan_beam}
-        self._planners["score"] = self._plan_score
+        # request kind -> which hidden rows it needs logits for (see engine/request.py)
+        self._planners: dict[str, Planner] = {
+            "sample": self._plan_sample,
+            "beam": self._plan_beam,
+            "score": self._plan_score,
+        }
 
     # ---- planning ------------------------------------------------------------------------
     def plan(
