@@ -3,6 +3,7 @@ auth, a body-size bound, and OpenAI-shaped errors for everything (see errors.py)
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from lamina.server.async_engine import AsyncEngine
 from lamina.server.chat import create_chat_completion, render_chat
 from lamina.server.completions import create_completion
 from lamina.server.errors import APIError, install_error_handlers
+from lamina.server.limits import LimitsMiddleware
 from lamina.server.metrics import CONTENT_TYPE, ServerMetrics
 from lamina.server.protocol import (
     ChatCompletionRequest,
@@ -96,7 +98,7 @@ def build_app(engine: LLMEngine | AsyncEngine, settings: ServerSettings | None =
     app.state.serving = sv
     app.state.engine = async_engine
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(LimitsMiddleware, settings=settings)  # body, timeouts, in-flight cap
 
     async def check_key(request: Request) -> None:
         if settings.api_key is None:
@@ -172,9 +174,9 @@ async def tokenize(req: TokenizeRequest, request: Request) -> JSONResponse:
     sv = _serving(request)
     sv.check_model(req.model)
     if req.messages is not None:
-        ids = render_chat(sv, req.messages, req.add_generation_prompt)
+        ids = await asyncio.to_thread(render_chat, sv, req.messages, req.add_generation_prompt)
     elif req.prompt is not None:
-        ids = sv.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        ids = await asyncio.to_thread(sv.encode, req.prompt, req.add_special_tokens)
     else:
         raise APIError("give either prompt or messages", 400, param="prompt")
     strs = sv.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None

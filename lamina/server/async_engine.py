@@ -12,6 +12,10 @@ request joins the running batch at the next step.
 Aborts. Every `RequestStream` is closed in a `finally` by its HTTP handler (or by the
 streaming response when the client goes away); closing queues an abort of its unfinished
 requests, which the engine thread runs before its next step, freeing their KV blocks.
+
+Deadline. A stream submitted with a timeout raises RequestTimeoutError from its iteration once
+that many seconds have passed since it was submitted; its handler then closes it, which aborts
+it as above (504 for a waiting client, an error event for a stream).
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ class EngineClosedError(RuntimeError):
 
 class EngineOverloadedError(RuntimeError):
     """Too many requests are already queued."""
+
+
+class RequestTimeoutError(Exception):
+    """The request ran past the server's per-request deadline (--request-timeout)."""
 
 
 class ClientDisconnectedError(Exception):
@@ -89,9 +97,13 @@ class RequestStream:
     order. Iterating yields (prompt index, cumulative RequestOutput); an output of None means
     the server aborted that request (shutdown or engine failure)."""
 
-    def __init__(self, owner: AsyncEngine, ids: list[str]) -> None:
+    def __init__(self, owner: AsyncEngine, ids: list[str], timeout: float | None = None) -> None:
         self._owner = owner
         self.ids = ids
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        # what iterating raises past the deadline (the server makes it an HTTP 504)
+        self.timeout_error: Callable[[str], BaseException] = RequestTimeoutError
         self._queue: asyncio.Queue[tuple[int, RequestOutput | None] | BaseException]
         self._queue = asyncio.Queue()
         self._unfinished = set(range(len(ids)))
@@ -105,16 +117,25 @@ class RequestStream:
         self._poll = is_disconnected
 
     async def _get(self) -> tuple[int, RequestOutput | None] | BaseException:
-        if self._poll is None:
+        if self._poll is None and self.deadline is None:
             return await self._queue.get()
         while True:  # outputs may arrive every few ms: poll on a clock, not on a quiet queue
             now = time.monotonic()
-            if now - self._polled >= _POLL_SECONDS:
+            wait = _POLL_SECONDS
+            if self._poll is not None and now - self._polled >= _POLL_SECONDS:
                 self._polled = now
                 if await self._poll():
                     raise ClientDisconnectedError()
+            if self.deadline is not None:
+                if now >= self.deadline:
+                    raise self.timeout_error(
+                        f"the request ran past this server's limit of {self.timeout:g} s "
+                        "(--request-timeout) and was aborted"
+                    )
+                left = self.deadline - now
+                wait = min(wait, left) if self._poll is not None else left
             try:
-                return await asyncio.wait_for(self._queue.get(), timeout=_POLL_SECONDS)
+                return await asyncio.wait_for(self._queue.get(), timeout=wait)
             except asyncio.TimeoutError:
                 continue
 
@@ -210,10 +231,16 @@ class AsyncEngine:
         self._inbox.put(run)
         return await asyncio.wrap_future(fut)
 
-    async def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
+    async def submit(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        timeout: float | None = None,
+    ) -> RequestStream:
         """Queue one engine request per prompt. Raises ValueError (nothing is left queued) if
         the engine rejects any of them, EngineClosedError / EngineOverloadedError when it
-        cannot take them. The caller must close() the stream."""
+        cannot take them. Iterating the stream raises RequestTimeoutError `timeout` seconds
+        from now (None: never). The caller must close() the stream."""
         if self._closing or self._thread is None:
             raise EngineClosedError("the server is shutting down")
         if self._num_open + len(prompts) > self.max_pending_requests:
@@ -221,7 +248,7 @@ class AsyncEngine:
                 f"{self._num_open} requests are in flight (limit {self.max_pending_requests})"
             )
         tag = next(self._ids)
-        stream = RequestStream(self, [f"req-{tag}-{i}" for i in range(len(prompts))])
+        stream = RequestStream(self, [f"req-{tag}-{i}" for i in range(len(prompts))], timeout)
         self._open.add(stream)
         self._num_open += len(prompts)
 

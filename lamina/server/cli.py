@@ -65,6 +65,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         help="seconds running requests get to finish on SIGINT/SIGTERM; the rest "
         "end with finish_reason 'abort'",
     )
+    add_limit_args(p)
     p.add_argument(
         "--torch-threads",
         type=int,
@@ -73,6 +74,74 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "usable cores minus one, kept for the HTTP event loop)",
     )
     p.add_argument("--log-level", default="info")
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    """The bounds on what a client can make the server do before and while it trusts it."""
+    d = ServerSettings
+    p.add_argument(
+        "--body-read-timeout",
+        type=float,
+        default=d.body_read_timeout,
+        help="seconds one read of a request body may wait (then 408, connection closed)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d.body_timeout,
+        help="seconds the whole request body may take to arrive (then 408)",
+    )
+    p.add_argument(
+        "--max-in-flight-requests",
+        type=int,
+        default=d.max_in_flight_requests,
+        help="HTTP requests read or answered at once; more get 429 with Retry-After "
+        "(/health and /metrics exempt)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        help="open connections and tasks uvicorn allows; more get 503 (0: no limit)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=d.request_timeout,
+        help="seconds a request may run in the engine; then it is aborted with 504, or its "
+        "stream ends with an error event (0: no limit)",
+    )
+    p.add_argument(
+        "--max-chars-per-token",
+        type=int,
+        default=d.max_chars_per_token,
+        help="a text prompt over max-prompt-tokens x this many characters is refused before "
+        "it is tokenized",
+    )
+    p.add_argument(
+        "--max-stop-strings",
+        type=int,
+        default=d.max_stop_strings,
+        help="entries of stop (and of bad_words) in one request",
+    )
+    p.add_argument(
+        "--max-stop-chars",
+        type=int,
+        default=d.max_stop_chars,
+        help="total characters of stop (and of bad_words) in one request",
+    )
+    p.add_argument(
+        "--max-logit-bias",
+        type=int,
+        default=d.max_logit_bias,
+        help="entries of logit_bias (and of stop_token_ids) in one request",
+    )
+    p.add_argument(
+        "--max-choices-per-request",
+        type=int,
+        default=d.max_choices_per_request,
+        help="prompts x max(n, best_of) in one request",
+    )
 
 
 def add_serve_parser(
@@ -117,6 +186,23 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
     check_min("--max-n", args.max_n, 1)
     check_min("--max-pending-requests", args.max_pending_requests, 1)
     check_min("--shutdown-grace", args.shutdown_grace, 0)
+    for flag, seconds in (
+        ("--body-read-timeout", args.body_read_timeout),
+        ("--body-timeout", args.body_timeout),
+    ):
+        if not seconds > 0:
+            raise UsageError(f"{flag} must be > 0, got {seconds}")
+    check_min("--max-connections", args.max_connections, 0)
+    check_min("--request-timeout", args.request_timeout, 0)
+    for flag in (
+        "--max-in-flight-requests",
+        "--max-chars-per-token",
+        "--max-stop-strings",
+        "--max-stop-chars",
+        "--max-logit-bias",
+        "--max-choices-per-request",
+    ):
+        check_min(flag, getattr(args, flag[2:].replace("-", "_")), 1)
     return ServerSettings(
         served_model_name=args.served_model_name or _model_name(args.model),
         api_key=args.api_key or None,
@@ -125,6 +211,16 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         max_n=args.max_n,
         max_pending_requests=args.max_pending_requests,
         shutdown_grace=args.shutdown_grace,
+        body_read_timeout=args.body_read_timeout,
+        body_timeout=args.body_timeout,
+        max_in_flight_requests=args.max_in_flight_requests,
+        max_connections=args.max_connections or None,
+        request_timeout=args.request_timeout or None,
+        max_chars_per_token=args.max_chars_per_token,
+        max_stop_strings=args.max_stop_strings,
+        max_stop_chars=args.max_stop_chars,
+        max_logit_bias=args.max_logit_bias,
+        max_choices_per_request=args.max_choices_per_request,
     )
 
 
@@ -175,6 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_level=args.log_level,
         timeout_graceful_shutdown=max(args.shutdown_grace, 0) + 5,
+        limit_concurrency=settings.max_connections,
     )
     server = _graceful_server(config, app.state.engine, settings.shutdown_grace)
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:

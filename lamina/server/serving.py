@@ -47,6 +47,8 @@ class Serving:
         self.vocab_size = engine.engine.model_config.vocab_size
         limit = settings.max_prompt_tokens
         self.max_prompt_tokens = min(limit or self.max_model_len, self.max_model_len - 1)
+        # no tokenizer's tokens are longer than this: a longer text could never fit
+        self.max_prompt_chars = self.max_prompt_tokens * settings.max_chars_per_token
 
     @property
     def model_name(self) -> str:
@@ -75,8 +77,24 @@ class Serving:
             )
         return ids[-keep:]
 
+    def check_prompt_chars(self, num_chars: int, param: str = "prompt") -> None:
+        """Refuse, before tokenizing it, a text that cannot fit in max_prompt_tokens whatever
+        it tokenizes to: tokenizing megabytes costs seconds of CPU."""
+        if num_chars > self.max_prompt_chars:
+            raise APIError(
+                f"The prompt has {num_chars} characters; this server accepts at most "
+                f"{self.max_prompt_chars} ({self.max_prompt_tokens} tokens x "
+                f"{self.settings.max_chars_per_token} characters per token).",
+                400,
+                param=param,
+                code="context_length_exceeded",
+            )
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        """Token ids of a prompt, its length checked first. Called off the event loop; the
+        batch call releases the GIL while it tokenizes, so the loop keeps answering."""
+        self.check_prompt_chars(len(text))
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -116,6 +134,7 @@ class Serving:
         prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The request's fields as SamplingParams; its range errors become 400s."""
+        self.check_request_caps(req)
         limit = self.settings.max_n
         for name, v in (("n", req.n), ("best_of", best_of)):
             if v is not None and v > limit:
@@ -171,15 +190,64 @@ class Serving:
         except ValueError as e:
             raise from_value_error(e) from None
 
+    def check_request_caps(self, req: SamplingFields) -> None:
+        """The per-step work a request may ask for: stop strings and bad words (count and
+        total length), logit_bias and stop_token_ids entries."""
+        s = self.settings
+        for name, words in (("stop", req.stop), ("bad_words", req.bad_words)):
+            items = [words] if isinstance(words, str) else list(words or [])
+            if len(items) > s.max_stop_strings:
+                raise APIError(
+                    f"{name} has {len(items)} entries; this server allows at most "
+                    f"{s.max_stop_strings}",
+                    400,
+                    param=name,
+                )
+            chars = sum(len(w) for w in items)
+            if chars > s.max_stop_chars:
+                raise APIError(
+                    f"{name} has {chars} characters in all; this server allows at most "
+                    f"{s.max_stop_chars}",
+                    400,
+                    param=name,
+                )
+        for name, entries in (
+            ("logit_bias", req.logit_bias),
+            ("stop_token_ids", req.stop_token_ids),
+        ):
+            if entries is not None and len(entries) > s.max_logit_bias:
+                raise APIError(
+                    f"{name} has {len(entries)} entries; this server allows at most "
+                    f"{s.max_logit_bias}",
+                    400,
+                    param=name,
+                )
+
+    def check_choices(self, params: list[SamplingParams]) -> None:
+        """prompts x max(n, best_of): the sequences one request makes the engine run."""
+        limit = self.settings.max_choices_per_request
+        total = sum(max(p.n, p.best_of or p.n) for p in params)
+        if total > limit:
+            raise APIError(
+                f"{len(params)} prompts x n (or best_of) asks for {total} sequences in one "
+                f"request; this server allows at most {limit}",
+                400,
+                param="n",
+            )
+
     async def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
+        self.check_choices(params)
         try:
-            stream = await self.engine.submit(prompts, params)
+            stream = await self.engine.submit(prompts, params, self.settings.request_timeout)
         except ValueError as e:
             raise from_value_error(e, "prompt") from None
         except EngineClosedError as e:
             raise APIError(str(e), 503) from None
         except EngineOverloadedError as e:
             raise APIError(f"the server is busy: {e}; retry later", 503) from None
+        # past the deadline: a 504, or the error event that ends a stream; the handler closes
+        # the stream, which aborts its requests and frees their blocks
+        stream.timeout_error = _timeout_error
         self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         return stream
 
@@ -232,6 +300,10 @@ class Serving:
     def _top(self, tid: int, lp: Logprob) -> TopLogprob:
         token = lp.decoded_token if lp.decoded_token is not None else self.decode_token(tid)
         return TopLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode("utf-8")))
+
+
+def _timeout_error(message: str) -> APIError:
+    return APIError(message, 504, type="timeout_error", code="request_timeout")
 
 
 @dataclass
