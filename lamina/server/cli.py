@@ -80,6 +80,13 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
     """The bounds on what a client can make the server do before and while it trusts it."""
     d = ServerSettings
     p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d.header_timeout,
+        help="seconds a request's line and headers may take to arrive (then the connection "
+        "is closed)",
+    )
+    p.add_argument(
         "--body-read-timeout",
         type=float,
         default=d.body_read_timeout,
@@ -187,6 +194,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
     check_min("--max-pending-requests", args.max_pending_requests, 1)
     check_min("--shutdown-grace", args.shutdown_grace, 0)
     for flag, seconds in (
+        ("--header-timeout", args.header_timeout),
         ("--body-read-timeout", args.body_read_timeout),
         ("--body-timeout", args.body_timeout),
     ):
@@ -211,6 +219,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         max_n=args.max_n,
         max_pending_requests=args.max_pending_requests,
         shutdown_grace=args.shutdown_grace,
+        header_timeout=args.header_timeout,
         body_read_timeout=args.body_read_timeout,
         body_timeout=args.body_timeout,
         max_in_flight_requests=args.max_in_flight_requests,
@@ -243,6 +252,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lamina.llm import LLM
     from lamina.loading.resolve import resolve_model
     from lamina.server.app import build_app
+    from lamina.server.limits import header_timeout_protocol
 
     with usage_errors():  # every argument is checked before the model loads
         engine_config = EngineConfig.from_cli_args(args)
@@ -272,6 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         timeout_graceful_shutdown=max(args.shutdown_grace, 0) + 5,
         limit_concurrency=settings.max_connections,
+        http=header_timeout_protocol(settings.header_timeout),
     )
     server = _graceful_server(config, app.state.engine, settings.shutdown_grace)
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:

@@ -117,3 +117,50 @@ async def _respond(
     if retry_after:
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     await response(scope, receive, send)
+
+
+def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol, but a request head (request line and headers) must arrive
+    within `seconds` of its first byte, or of the connection opening; otherwise the connection
+    is closed. uvicorn has no such bound of its own: a client sending its headers a byte at a
+    time would hold a connection forever, and enough of them would fill --max-connections.
+    (The body is bounded by LimitsMiddleware; an idle kept-alive connection by uvicorn's
+    timeout_keep_alive.)"""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _reading_head(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(seconds, self._head_timed_out)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._reading_head() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._reading_head():
+                self._arm()
+            super().data_received(data)
+            if not self._reading_head():
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol

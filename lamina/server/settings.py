@@ -21,6 +21,9 @@ class ServerSettings:
     # the body must keep coming: each read waits at most body_read_timeout seconds, the whole
     # body at most body_timeout; a slow sender gets 408 and its connection closed
     body_read_timeout: float = 10.0
+    # seconds a request's line and headers may take to arrive (uvicorn via cli.py: the
+    # connection is closed)
+    header_timeout: float = 10.0
     body_timeout: float = 60.0
     # HTTP requests being read or answered at once (/health and /metrics not counted);
     # beyond it: 429 with Retry-After

@@ -270,7 +270,7 @@ def test_limit_flags_reach_the_settings():
         p.parse_args(
             [
                 *("--request-timeout", "0", "--max-connections", "0"),
-                *("--body-read-timeout", "3", "--body-timeout", "30"),
+                *("--body-read-timeout", "3", "--body-timeout", "30", "--header-timeout", "2"),
                 *("--max-in-flight-requests", "7", "--max-logit-bias", "5"),
                 *("--max-stop-strings", "2", "--max-stop-chars", "9"),
                 *("--max-choices-per-request", "4", "--max-chars-per-token", "8"),
@@ -278,6 +278,7 @@ def test_limit_flags_reach_the_settings():
         )
     )
     assert s.request_timeout is None
+    assert s.header_timeout == 2
     assert s.max_connections is None
     assert (s.body_read_timeout, s.body_timeout, s.max_in_flight_requests) == (3, 30, 7)
     assert (s.max_logit_bias, s.max_stop_strings, s.max_stop_chars) == (5, 2, 9)
@@ -286,3 +287,47 @@ def test_limit_flags_reach_the_settings():
 
     with pytest.raises(UsageError, match="--body-read-timeout"):
         _settings(p.parse_args(["--body-read-timeout", "0"]))
+
+
+def test_header_timeout_closes_slow_heads(tiny_folder, live_server_cls):
+    import uvicorn
+
+    from lamina import LLM
+    from lamina.server import ServerSettings
+    from lamina.server.limits import header_timeout_protocol
+
+    settings = ServerSettings(served_model_name=MODEL, header_timeout=0.5)
+    srv = live_server_cls(LLM(str(tiny_folder), dtype="float32").engine, settings)
+    config = uvicorn.Config(
+        srv.app, log_level="warning", http=header_timeout_protocol(settings.header_timeout)
+    )
+    srv.server = uvicorn.Server(config)  # what `lamina serve` runs (cli.py)
+    srv._thread = threading.Thread(
+        target=srv.server.run, kwargs={"sockets": [srv._sock]}, daemon=True
+    )
+    srv.start()
+    try:
+        silent = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        slow = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        t0 = time.monotonic()
+        head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40
+        for b in head:  # a byte every 50 ms: the head is not done in 0.5 s
+            try:
+                slow.sendall(bytes([b]))
+            except OSError:
+                break
+            time.sleep(0.05)
+            if time.monotonic() - t0 > 5:
+                break
+        assert read_all(slow) == b""  # closed without an answer
+        assert read_all(silent) == b""
+        assert time.monotonic() - t0 < 5
+        slow.close()
+        silent.close()
+        with httpx.Client(base_url=srv.base_url, timeout=30) as c:  # keep-alive still works
+            for _ in range(3):
+                assert c.get("/health").status_code == 200
+                time.sleep(0.6)
+            assert c.post("/v1/completions", json=COMPLETION).status_code == 200
+    finally:
+        srv.stop()
