@@ -1,5 +1,9 @@
 """The FastAPI application: OpenAI routes, tokenizer routes, /health and /metrics, API-key
-auth, a body-size bound, and OpenAI-shaped errors for everything (see errors.py)."""
+auth, a body-size bound, and OpenAI-shaped errors for everything (see errors.py).
+
+The API key covers every route but /health (also /metrics, /openapi.json and /docs), and a
+Host-header allow-list (localhost names by default) keeps web pages from reaching a local server
+through DNS rebinding."""
 
 from __future__ import annotations
 
@@ -7,9 +11,12 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lamina.engine.llm_engine import LLMEngine
@@ -24,6 +31,7 @@ from lamina.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -73,6 +81,51 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port or IPv6 brackets, lower case."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+class HostCheckMiddleware:
+    """A 400 for a request whose Host header names none of `allowed_hosts` (names, IP
+    addresses, `*.example.com` for any subdomain, `*` for anything): a web page whose DNS name
+    its owner re-points at 127.0.0.1 (DNS rebinding) cannot then use a local server through a
+    visitor's browser. /health is exempt (probes send the pod's address); a request without a
+    Host (HTTP/1.0, no browser sends one) is let through."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: tuple[str, ...] | list[str]) -> None:
+        self.app = app
+        names = [_host_name(h) for h in allowed_hosts]
+        self.allow_all = "*" in names
+        self.exact = {h for h in names if not h.startswith("*.")}
+        self.suffixes = tuple(h[1:] for h in names if h.startswith("*."))
+
+    def allowed(self, host: str) -> bool:
+        if self.allow_all or host in self.exact:
+            return True
+        return bool(self.suffixes) and host.endswith(self.suffixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path") != "/health":
+            raw = dict(scope.get("headers") or []).get(b"host")
+            host = _host_name(raw.decode("latin-1")) if raw is not None else None
+            if host is not None and not self.allowed(host):
+                error = APIError(
+                    f"Host {host!r} is not allowed; start the server with --allowed-hosts "
+                    "naming it (or '*')",
+                    400,
+                    code="invalid_host",
+                )
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(engine: LLMEngine | AsyncEngine, settings: ServerSettings | None = None) -> FastAPI:
     """An app over `engine`; the engine thread runs while the app's lifespan does."""
     settings = settings or ServerSettings()
@@ -94,10 +147,13 @@ def build_app(engine: LLMEngine | AsyncEngine, settings: ServerSettings | None =
             await async_engine.drain(0.0)
             await async_engine.stop()
 
-    app = FastAPI(title="lamina", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="lamina", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.serving = sv
     app.state.engine = async_engine
     install_error_handlers(app)
+    app.add_middleware(HostCheckMiddleware, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(LimitsMiddleware, settings=settings)  # body, timeouts, in-flight cap
 
     async def check_key(request: Request) -> None:
@@ -116,10 +172,23 @@ def build_app(engine: LLMEngine | AsyncEngine, settings: ServerSettings | None =
 
     api = APIRouter(dependencies=[Depends(check_key)])
 
+    def card() -> ModelCard:
+        return ModelCard(id=sv.model_name, root=sv.model_name, max_model_len=sv.max_model_len)
+
     @api.get("/v1/models")
     async def models() -> JSONResponse:
-        card = ModelCard(id=sv.model_name, root=sv.model_name, max_model_len=sv.max_model_len)
-        return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
+        return JSONResponse(ModelList(data=[card()]).model_dump(mode="json"))
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        if model_id != sv.model_name:
+            raise APIError(
+                f"The model `{model_id}` does not exist; this server serves `{sv.model_name}`.",
+                404,
+                param="model",
+                code="model_not_found",
+            )
+        return JSONResponse(card().model_dump(mode="json"))
 
     @api.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
@@ -139,11 +208,50 @@ def build_app(engine: LLMEngine | AsyncEngine, settings: ServerSettings | None =
     async def health() -> Response:
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(check_key)], include_in_schema=False)
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    @app.get("/openapi.json", dependencies=[Depends(check_key)], include_in_schema=False)
+    async def openapi_route() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=[Depends(check_key)], include_in_schema=False)
+    async def docs_route() -> HTMLResponse:
+        # the page fetches /openapi.json without the key: with --api-key, read that instead
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="lamina")
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, with the statuses the server really sends: an invalid request is a
+    400 with OpenAI's error body (errors.py), never a 422 with FastAPI's."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        ref = "#/components/schemas/{model}"
+        error = ErrorResponse.model_json_schema(ref_template=ref)
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(error.pop("$defs", {}))
+        schemas["ErrorResponse"] = error
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        for operations in schema.get("paths", {}).values():
+            for op in operations.values():
+                responses = op.setdefault("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses["400"] = {
+                        "description": "Invalid request",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": ref.format(model="ErrorResponse")}
+                            }
+                        },
+                    }
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _serving(request: Request) -> Serving:

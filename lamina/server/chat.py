@@ -16,7 +16,7 @@ from lamina.loading.chat_template import validate_messages
 from lamina.outputs import CompletionOutput
 from lamina.sampling_params import SamplingParams
 from lamina.server.async_engine import RequestStream
-from lamina.server.errors import APIError
+from lamina.server.errors import APIError, internal_error
 from lamina.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -55,6 +55,13 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+def _template_ready(dicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An assistant turn with `tool_calls` and `content: null` (as OpenAI's SDK sends it) gets
+    `content: ""`, as vLLM renders it: templates concatenate `message['content']` or test it for
+    truth, and a missing content would fail the first kind."""
+    return [d if d.get("content") is not None else {**d, "content": ""} for d in dicts]
+
+
 def render_chat(
     sv: Serving,
     messages: list[ChatMessage],
@@ -72,7 +79,7 @@ def render_chat(
         raise APIError(str(e), 400, param="messages") from None
     try:
         ids = sv.tokenizer.apply_chat_template(
-            dicts,
+            _template_ready(dicts),
             add_generation_prompt=add_generation_prompt,
             tokenize=True,
             **extra,
@@ -197,5 +204,5 @@ async def _stream(
                 )
             )
     except Exception as e:  # the engine failed mid-stream: say so in the stream
-        yield sse(APIError(str(e), 500).body())
+        yield sse(internal_error("a /v1/chat/completions stream", e).body())
     yield SSE_DONE

@@ -35,7 +35,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key",
         default=os.environ.get("LAMINA_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (default: $LAMINA_API_KEY)",
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: "
+        "$LAMINA_API_KEY; prefer it or --api-key-file: a flag shows in ps)",
+    )
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        help="read the API key from this file (its first line)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="comma-separated Host header names accepted, against DNS rebinding ('*.example.com' "
+        "for subdomains, '*' for any; default: localhost, 127.0.0.1, ::1 and --host)",
     )
     p.add_argument(
         "--served-model-name",
@@ -213,7 +225,8 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         check_min(flag, getattr(args, flag[2:].replace("-", "_")), 1)
     return ServerSettings(
         served_model_name=args.served_model_name or _model_name(args.model),
-        api_key=args.api_key or None,
+        api_key=_api_key(args),
+        allowed_hosts=_allowed_hosts(args),
         max_body_bytes=args.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens,
         max_n=args.max_n,
@@ -231,6 +244,36 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         max_logit_bias=args.max_logit_bias,
         max_choices_per_request=args.max_choices_per_request,
     )
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    path = getattr(args, "api_key_file", None)
+    if path is None:
+        return args.api_key or None
+    if args.api_key and args.api_key != os.environ.get("LAMINA_API_KEY"):
+        raise UsageError("give --api-key or --api-key-file, not both")
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.readline().strip()
+    except OSError as e:
+        raise UsageError(f"--api-key-file: cannot read {path}: {e.strerror or e}") from e
+    if not key:
+        raise UsageError(f"--api-key-file: {path} holds no key")
+    return key
+
+
+def _allowed_hosts(args: argparse.Namespace) -> tuple[str, ...]:
+    value = getattr(args, "allowed_hosts", None)
+    if value is not None:
+        hosts = tuple(h.strip() for h in value.split(",") if h.strip())
+        if not hosts:
+            raise UsageError("--allowed-hosts is empty; give names, or '*' to allow any")
+        return hosts
+    hosts = ServerSettings.allowed_hosts
+    host = getattr(args, "host", "")
+    if host and host not in ("0.0.0.0", "::") and host not in hosts:
+        hosts += (host,)
+    return hosts
 
 
 def check_address(host: str, port: int) -> None:

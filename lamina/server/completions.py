@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from lamina.outputs import CompletionOutput, RequestOutput
 from lamina.sampling_params import SamplingParams
 from lamina.server.async_engine import RequestStream
-from lamina.server.errors import APIError
+from lamina.server.errors import APIError, internal_error
 from lamina.server.protocol import (
     Completion,
     CompletionChoice,
@@ -224,5 +224,5 @@ async def _stream(
                 Completion(id=rid, created=created, model=sv.model_name, choices=[], usage=total)
             )
     except Exception as e:  # the engine failed mid-stream: say so in the stream
-        yield sse(APIError(str(e), 500).body())
+        yield sse(internal_error("a /v1/completions stream", e).body())
     yield SSE_DONE

@@ -2,13 +2,18 @@
 
 Clients (the openai SDK, lm-eval, curl scripts) branch on the status and read `error.message`,
 so every failure the server can produce, including FastAPI's own validation and routing
-errors, goes through here instead of FastAPI's `{"detail": ...}` default.
+errors, goes through here instead of FastAPI's `{"detail": ...}` default. Every invalid request
+is a 400 (OpenAI's status; the OpenAPI document says so too, see app.py), never FastAPI's 422.
+A failure of the server itself is a 500 that says only that, with an id to find the traceback
+in the server's log: no exception text, type or path reaches the client.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
+import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -18,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lamina.server.async_engine import ClientDisconnectedError
+from lamina.server.protocol import REQUEST_FIELDS
 
 logger = logging.getLogger("lamina.server")
 
@@ -71,14 +77,33 @@ def from_value_error(e: ValueError, default_param: str | None = None) -> APIErro
     return APIError(str(e), 400, param=m.group(1) if m else default_param)
 
 
+def internal_error(where: str, exc: BaseException) -> APIError:
+    """The 500 for a failure of the server: logged with its traceback under an id that is all
+    the client sees of it. An APIError is the client's and is passed on as it is."""
+    if isinstance(exc, APIError):
+        return exc
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("internal error %s in %s", error_id, where, exc_info=exc)
+    return APIError(f"internal server error (id {error_id}; the server's log has the details)", 500)
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
+    kind = first.get("type")
+    if kind == "json_invalid":
         return APIError(f"malformed JSON body: {first.get('msg', 'cannot parse')}", 400)
+    field = (first.get("ctx") or {}).get("field")
+    if isinstance(field, str):  # protocol.py's own checks name the field in ctx
+        return APIError(first.get("msg", "invalid request"), 400, param=field)
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")
+    if kind == "extra_forbidden" and loc:
+        names = [f for f in REQUEST_FIELDS if f != loc[-1]]
+        close = difflib.get_close_matches(loc[-1], names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        msg = f"unknown field, which lamina does not implement{hint}"
     if not loc and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
         msg = "the request body must be a JSON object (Content-Type: application/json)"
     return APIError(f"{param + ': ' if param else ''}{msg}", 400, param=param)
@@ -110,5 +135,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return APIError(f"internal server error: {type(exc).__name__}", 500).response()
+        return internal_error(f"{request.method} {request.url.path}", exc).response()

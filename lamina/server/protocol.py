@@ -1,22 +1,131 @@
 """Pydantic models of every request and response body, in OpenAI's shapes (plus vLLM's extra
 sampling fields), so the openai SDK, lm-eval and vLLM clients work unchanged.
 
-Requests ignore unknown fields (as OpenAI and vLLM do) but reject wrongly typed known ones,
-and non-finite numbers (Python's json reads the literals NaN and Infinity): a 400 naming the
-field. Value ranges are checked once, by `SamplingParams`, so the server and the offline API
-agree.
+Requests are strict: a field lamina does not implement (OpenAI's `tools`, a misspelled
+`max_token`) is a 400 naming it instead of being silently ignored; vLLM's extra fields that
+lamina implements are accepted. So are wrongly typed known fields, non-finite numbers (Python's
+json reads the literals NaN and Infinity) and strings that are not valid Unicode (a lone
+surrogate such as "\ud800", which no tokenizer can encode): each a 400 naming the field (see
+errors.py). Chat messages keep unknown keys (tool_calls, name, ...) for the template. Value
+ranges are checked once, by `SamplingParams`, so the server and the offline API agree.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+
+def _invalid_unicode(value: Any, path: str) -> str | None:
+    """The path of the first string in `value` that is not valid Unicode (UTF-8 cannot encode
+    a lone surrogate), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and _invalid_unicode(key, "") is not None:
+            return f"{path}.{key!r}".lstrip(".")
+        found = _invalid_unicode(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+_ANY = None  # any value asks for nothing (metadata, tags)
+
+# Fields of OpenAI's API and vLLM's documented extras that lamina does not implement: accepted
+# (and dropped) only with a value that asks for nothing ("tools": [], "use_beam_search": false),
+# otherwise a 400 naming them. Anything else unknown is a 400 too (extra="forbid").
+_NEUTRAL: dict[str, tuple[Any, ...] | None] = {
+    # OpenAI
+    "store": (None, False),
+    "metadata": _ANY,
+    "service_tier": _ANY,
+    "response_format": (None, {"type": "text"}),
+    # vLLM
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1.0),
+    "spaces_between_special_tokens": (None, True),
+    "prompt_logprobs": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "structured_outputs": (None,),
+    "logits_processors": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    "priority": (None, 0),
+    "request_id": _ANY,
+}
+_NEUTRAL_CHAT: dict[str, tuple[Any, ...] | None] = {
+    **_NEUTRAL,
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "parallel_tool_calls": _ANY,
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "echo": (None, False),
+    "continue_final_message": (None, False),
+    "add_special_tokens": (None, False),
+    "documents": (None,),
+    "chat_template": (None,),
+    "mm_processor_kwargs": (None,),
+}
+_NEUTRAL_COMPLETION = {**_NEUTRAL, "add_special_tokens": (None, True)}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return bool(a == b)
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    neutral_fields: ClassVar[dict[str, tuple[Any, ...] | None]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_input(cls, data: Any) -> Any:
+        bad = _invalid_unicode(data, "")
+        if bad is not None:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "{field}: the string is not valid Unicode (a lone UTF-16 surrogate?)",
+                {"field": bad},
+            )
+        if not isinstance(data, dict) or not cls.neutral_fields:
+            return data
+        dropped = {k for k in data if k in cls.neutral_fields and k not in cls.model_fields}
+        for key in sorted(dropped):
+            accepted = cls.neutral_fields[key]
+            if accepted is not None and not any(_same(data[key], v) for v in accepted):
+                raise PydanticCustomError(
+                    "unsupported_field",
+                    "{field}: lamina does not implement it (accepted only as {accepted})",
+                    {"field": key, "accepted": " or ".join(json.dumps(v) for v in accepted)},
+                )
+        return {k: v for k, v in data.items() if k not in dropped} if dropped else data
 
 
 class _Response(BaseModel):
@@ -62,8 +171,19 @@ class SamplingFields(_Request):
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError(
+                "stream_options_without_stream",
+                "stream_options is only allowed when stream is true",
+                {"field": "stream_options"},
+            )
+        return self
+
 
 class CompletionRequest(SamplingFields):
+    neutral_fields = _NEUTRAL_COMPLETION
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     echo: bool = False
@@ -73,17 +193,19 @@ class CompletionRequest(SamplingFields):
 
 
 class ContentPart(_Request):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # validate_messages names
     type: str = "text"
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, name, ... reach the template
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # tool_calls, name, ...
     role: str
     content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
+    neutral_fields = _NEUTRAL_CHAT
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -94,6 +216,19 @@ class ChatCompletionRequest(SamplingFields):
 
 
 # ---- responses ----------------------------------------------------------------------------
+class ErrorInfo(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    """Every error, of every status (errors.py); the OpenAPI document names it for 400."""
+
+    error: ErrorInfo
+
+
 class Usage(_Response):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -107,6 +242,11 @@ class CompletionLogprobs(_Response):
     token_logprobs: list[float | None] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+    def model_post_init(self, context: Any, /) -> None:
+        # filled by appending, so never "set": without this a streamed chunk sent `{}`
+        super().model_post_init(context)
+        self.__pydantic_fields_set__.update(type(self).model_fields)
 
 
 class CompletionChoice(_Response):
@@ -201,6 +341,7 @@ class ModelList(_Response):
 
 # ---- tokenizer endpoints (vLLM's shapes; lm-eval's RemoteTokenizer reads them) -------------
 class TokenizeRequest(_Request):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # vLLM's helpers: lenient
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -217,6 +358,7 @@ class TokenizeResponse(_Response):
 
 
 class DetokenizeRequest(_Request):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # vLLM's helpers: lenient
     model: str | None = None
     tokens: list[int]
 
@@ -238,3 +380,9 @@ class TokenizerInfo(_Response):
     chat_template: str | None = None
     model_max_length: int
     vocab_size: int
+
+
+REQUEST_FIELDS = sorted(
+    {name for model in (CompletionRequest, ChatCompletionRequest) for name in model.model_fields}
+)
+"""Every field a request may carry (errors.py suggests the closest to a misspelled one)."""

@@ -17,6 +17,8 @@ class ServerSettings:
     max_prompts_per_request: int = 256
     max_pending_requests: int = 1024
     shutdown_grace: float = 5.0  # seconds running streams get to finish on SIGINT/SIGTERM
+    # Host headers accepted (app.py: against DNS rebinding); "*" accepts any
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
     # ---- bounded work before trust (limits.py, serving.py) ----------------------------------
     # the body must keep coming: each read waits at most body_read_timeout seconds, the whole
     # body at most body_timeout; a slow sender gets 408 and its connection closed

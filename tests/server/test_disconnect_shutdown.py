@@ -102,10 +102,13 @@ def test_drain_ends_running_streams_cleanly(start_server):
 
     async def main():
         async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as c:
-            chat = {**LONG, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200}
+            chat = {k: v for k, v in LONG.items() if k != "prompt"}
+            chat.update(messages=[{"role": "user", "content": "hi"}], max_tokens=200)
             tasks = [asyncio.create_task(stream(c, "/v1/completions", LONG)) for _ in range(4)]
             tasks.append(asyncio.create_task(stream(c, "/v1/chat/completions", chat)))
+            deadline = time.monotonic() + 30
             while srv.async_engine.snapshot.num_running < 5:
+                assert time.monotonic() < deadline, "the five streams never all ran"
                 await asyncio.sleep(0.01)
             ae = srv.async_engine
             fut = asyncio.run_coroutine_threadsafe(ae.drain(0.0), ae._loop)

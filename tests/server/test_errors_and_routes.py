@@ -123,8 +123,11 @@ def test_api_key(start_server):
         assert_error(c.post("/v1/completions", json=COMPLETION, headers=wrong), 401)
         assert_error(c.get("/v1/models", headers={"Authorization": "s3cret"}), 401)
         assert_error(c.post("/tokenize", json={"prompt": "a"}), 401)
-        assert c.get("/health").status_code == 200
-        assert c.get("/metrics").status_code == 200
+        assert c.get("/health").status_code == 200  # probes carry no key
+        key = {"Authorization": "Bearer s3cret"}
+        for path in ("/metrics", "/openapi.json", "/docs"):  # they describe the server
+            assert_error(c.get(path), 401)
+            assert c.get(path, headers=key).status_code == 200
     with pytest.raises(AuthenticationError):
         keyed.client(api_key="wrong").models.list()
     assert keyed.client().models.list().data[0].id == MODEL
