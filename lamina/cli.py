@@ -101,6 +101,12 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     from lamina.loading.resolve import resolve_model
 
     config = EngineConfig.from_cli_args(args)
+    if config.skip_tokenizer_init:
+        raise ValueError(
+            f"--skip-tokenizer-init: `lamina {args.command}` reads and prints text, which needs "
+            "a tokenizer; for token ids alone use `lamina serve --skip-tokenizer-init` "
+            "(token-id prompts on /v1/completions) or LLM(skip_tokenizer_init=True) in Python"
+        )
     resolve_model(config.model)
     return config
 

@@ -54,6 +54,11 @@ class EngineConfig:
       (`add_request`) admitted by this engine from 0, seeded or not, so the samples depend on
       the order requests arrive in, not on what they are batched with. None: fresh OS entropy.
     - tokenizer: its ids must fit the model's vocabulary (checked at load).
+    - skip_tokenizer_init (vLLM's): no tokenizer is read, so a folder with only config.json and
+      weights loads. Text is then impossible both ways: text prompts, stop strings, bad_words
+      and chat are refused with an error saying so; outputs carry token_ids and text "" (vLLM's
+      detokenize=False, implied); EOS comes from config.json / generation_config.json (or the
+      GGUF metadata), and stop_token_ids work. It cannot be combined with tokenizer.
     - enforce_eager and gpu_memory_utilization exist so vLLM scripts run unchanged; neither
       changes anything (no graphs are captured; the KV budget is kv_cache_bytes or
       num_kv_blocks).
@@ -145,6 +150,11 @@ class EngineConfig:
         "Hugging Face folder (with tokenizer.json) or .gguf file to take the tokenizer from "
         "(default: the model's own)",
     )
+    skip_tokenizer_init: bool = _opt(
+        False,
+        "load no tokenizer (a model folder may have none): prompts must be token ids, outputs "
+        "carry token ids and empty text, stop strings are refused (stop_token_ids work)",
+    )
     enforce_eager: bool = _opt(
         False,
         "accepted for vLLM compatibility; no effect: lamina never captures CUDA graphs, it "
@@ -162,6 +172,11 @@ class EngineConfig:
             _check_field(f, getattr(self, f.name))
         _check_model(self.model)
         _check_tokenizer(self.tokenizer)
+        if self.skip_tokenizer_init and self.tokenizer is not None:
+            raise ValueError(
+                f"tokenizer={str(self.tokenizer)!r} and skip_tokenizer_init=True contradict each "
+                "other; give one of them"
+            )
         _check_seed(self.seed)
         _check_gpu_memory_utilization(self.gpu_memory_utilization)
         _check_dtype(self.dtype)

@@ -20,6 +20,7 @@ from lamina.engine_config import EngineConfig, resolve_max_model_len
 from lamina.kv.cache import num_blocks_for
 from lamina.loading.chat_template import validate_messages
 from lamina.loading.loader import load_model
+from lamina.loading.tokenizer import Tokenizer
 from lamina.outputs import RequestOutput
 from lamina.sampling_params import BeamSearchParams, SamplingParams
 
@@ -39,7 +40,9 @@ class LLM:
     (e.g. {"rope_type": "yarn", "factor": 4}); kv_cache_dtype ("auto" or "int8");
     attention_sinks / sliding_window (StreamingLLM) or h2o_heavy / h2o_recent /
     h2o_cache_positions (H2O); quantization (None or "gguf"); pack_weights; attention_backend;
-    seed (requests without their own); tokenizer (another folder's); enforce_eager and
+    seed (requests without their own); tokenizer (another folder's); skip_tokenizer_init
+    (vLLM's: load no tokenizer, so prompts must be token ids and outputs carry token_ids with
+    text ""; stop strings, bad_words and chat are refused, stop_token_ids work); enforce_eager and
     gpu_memory_utilization (vLLM's, accepted and without effect on CPU).
     An unknown keyword raises a TypeError listing the accepted ones. The validated settings are
     kept as `self.config`.
@@ -52,7 +55,12 @@ class LLM:
             config = EngineConfig.from_kwargs(model=model, **kwargs)
         self.config = config
         loaded = load_model(
-            config.model, config.dtype, config.rope_scaling, config.quantization, config.tokenizer
+            config.model,
+            config.dtype,
+            config.rope_scaling,
+            config.quantization,
+            config.tokenizer,
+            skip_tokenizer_init=config.skip_tokenizer_init,
         )
         cache = config.cache_config()
         cache_tokens = num_blocks_for(loaded.config, cache, loaded.model.dtype) * cache.block_size
@@ -66,11 +74,15 @@ class LLM:
             attention_backend=config.attention_backend,
             seed=config.seed,
         )
-        self.tokenizer = loaded.tokenizer
+        self.tokenizer: Tokenizer | None = loaded.tokenizer  # None: skip_tokenizer_init
         self._ids = itertools.count()
 
-    def get_tokenizer(self):
-        return self.tokenizer
+    def get_tokenizer(self) -> Tokenizer:
+        """The engine's tokenizer; a ValueError when it runs without one (skip_tokenizer_init),
+        as vLLM's."""
+        return self.engine.require_tokenizer(
+            "get_tokenizer() has no tokenizer to return:", "load the model without it"
+        )
 
     def generate(
         self,
@@ -120,6 +132,10 @@ class LLM:
         Each message is a dict with a `role` (system, developer, user, assistant, tool) and a
         `content` (a string, or a list of {"type": "text", "text": ...} parts); a bad one is a
         ValueError naming it before anything is rendered."""
+        tokenizer = self.engine.require_tokenizer(
+            "chat renders messages as text through the chat template,",
+            "apply the template elsewhere and pass token ids to generate()",
+        )
         batch = isinstance(messages, (list, tuple)) and bool(messages)
         batch = batch and all(isinstance(conv, (list, tuple)) for conv in messages)
         convs = list(messages) if batch else [messages]
@@ -127,7 +143,7 @@ class LLM:
             validate_messages(conv, f"messages[{k}]" if batch else "messages")
         prompts = [
             {
-                "prompt_token_ids": self.tokenizer.apply_chat_template(
+                "prompt_token_ids": tokenizer.apply_chat_template(
                     cast(list[dict[str, Any]], conv),
                     add_generation_prompt=add_generation_prompt,
                     tokenize=True,

@@ -93,7 +93,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, args.dtype)
     calib = None
     if text is not None:
-        calib = calib_ids_from_text(loaded.tokenizer, text, args.num_calib_tokens, args.seq_len)
+        calib = calib_ids_from_text(
+            loaded.require_tokenizer("calibration text"), text, args.num_calib_tokens, args.seq_len
+        )
     cfg = prune_model(
         loaded.model,
         args.method,

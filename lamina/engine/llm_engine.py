@@ -28,6 +28,7 @@ from lamina.kv.cache import KVCache, num_blocks_for
 from lamina.kv.registry import retention_policy_for
 from lamina.kv.retention import RetentionPolicy
 from lamina.loading.loader import LoadedModel
+from lamina.loading.tokenizer import Tokenizer
 from lamina.outputs import RequestOutput
 from lamina.sampling_params import BeamSearchParams, SamplingParams
 
@@ -54,7 +55,8 @@ class LLMEngine:
         elif loaded.model.embed_tokens.numel() > 0:  # the dense table stays: a compact
             loaded.model.embed_lookup = None  # lookup table would only take memory
         self.model_config = loaded.config
-        self.tokenizer = loaded.tokenizer
+        # None with skip_tokenizer_init: prompts are token ids, outputs carry no text
+        self.tokenizer: Tokenizer | None = loaded.tokenizer
         self.cache_config = cc = cache_config or CacheConfig()
         sched = scheduler_config or SchedulerConfig(
             max_model_len=loaded.config.max_position_embeddings
@@ -103,10 +105,21 @@ class LLMEngine:
         ids: set[int] = set(self.model_config.eos_token_ids)
         gen_eos = self.loaded.generation_config.get("eos_token_id")
         ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+        if self.tokenizer is None:  # skip_tokenizer_init: the model's own files say it all
+            return ids
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         ids.update(self.tokenizer.stop_token_ids)  # e.g. GGUF end-of-turn tokens
         return ids
+
+    def require_tokenizer(self, what: str, accepted: str = "give token ids") -> Tokenizer:
+        """The tokenizer, or a ValueError saying that `what` needs one, that this engine runs
+        without (skip_tokenizer_init), and what it accepts instead."""
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{what} but the engine runs without a tokenizer (skip_tokenizer_init); {accepted}"
+            )
+        return self.tokenizer
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(
@@ -115,6 +128,8 @@ class LLMEngine:
         """Queue a prompt (text or token ids). Raises ValueError for input that cannot run."""
         params = params or SamplingParams()
         text, ids = self._prompt_ids(request_id, prompt, params.truncate_prompt_tokens)
+        if self.tokenizer is None:
+            self._check_token_only(params)
         vocab = self.model_config.vocab_size
         for name, given in (
             ("logit_bias", list(params.logit_bias or {})),
@@ -146,16 +161,33 @@ class LLMEngine:
         self._admit(req)
         self._num_sample_requests += 1
 
+    def _check_token_only(self, params: SamplingParams) -> None:
+        """Without a tokenizer no text is made (vLLM's detokenize=False), so what works on
+        text is refused rather than silently ignored."""
+        if params.stop_strings:
+            self.require_tokenizer(
+                f"stop={params.stop_strings!r} are strings, which are matched on the output text,",
+                "use stop_token_ids",
+            )
+        if params.bad_words:
+            self.require_tokenizer(
+                f"bad_words={params.bad_words!r} must be tokenized,",
+                "ban token ids with logit_bias (-100) or allowed_token_ids",
+            )
+
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """vLLM's tokenization of bad words: each word (leading spaces stripped) as is, and
         with a leading space when that gives a different first token and no more tokens (the
         word in the middle of a text)."""
         out: list[list[int]] = []
+        if not words:
+            return out
+        tokenizer = self.require_tokenizer("bad_words must be tokenized,")
         for word in words:
-            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
             if plain:
                 out.append(plain)
-            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
             if spaced and (not plain or (spaced[0] != plain[0] and len(spaced) == len(plain))):
                 out.append(spaced)
         return out
@@ -208,7 +240,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
             text: str | None = prompt
-            ids = self.tokenizer.encode(prompt)
+            ids = self.require_tokenizer("prompt is text", "give token ids").encode(prompt)
         else:
             text, ids = None, list(prompt)
         if truncate is not None:

@@ -16,7 +16,7 @@ import torch
 
 from lamina.engine.beam_search import BeamGroup
 from lamina.engine.sequence import Sequence, make_generator
-from lamina.loading.detokenizer import IncrementalDetokenizer
+from lamina.loading.detokenizer import NO_TEXT, IncrementalDetokenizer
 from lamina.loading.tokenizer import Tokenizer
 from lamina.outputs import (
     CompletionOutput,
@@ -34,7 +34,7 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None: the engine runs on token ids alone (no text)
     seqs: list[Sequence] = field(default_factory=list)
     detokenizers: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
     prompt_logprobs: PromptLogprobs | None = None
@@ -76,7 +76,7 @@ class Request:
     def add_seq(self, seq: Sequence) -> None:
         self.seqs.append(seq)
         self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
-            self.tokenizer, self.prompt_token_ids, self.params.skip_special_tokens
+            self.tokenizer or NO_TEXT, self.prompt_token_ids, self.params.skip_special_tokens
         )
 
     @property
@@ -101,7 +101,10 @@ class Request:
             finished_time=epoch(self.finished_time),
         )
 
-    def decoded(self, token_id: int) -> str:
+    def decoded(self, token_id: int) -> str | None:
+        """A token's text for logprobs; None without a tokenizer (as vLLM's decoded_token)."""
+        if self.tokenizer is None:
+            return None
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def logprob_entry(
@@ -151,7 +154,7 @@ class Request:
         outs = [
             CompletionOutput(
                 index=i,
-                text=self.tokenizer.decode(b.token_ids) if done else "",
+                text=self.tokenizer.decode(b.token_ids) if done and self.tokenizer else "",
                 token_ids=list(b.token_ids),
                 cumulative_logprob=b.cumulative_logprob,
                 finish_reason=b.finish_reason,

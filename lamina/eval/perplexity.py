@@ -90,7 +90,10 @@ def perplexity(
     max_tokens: score only the first max_tokens tokens of the text.
     """
     engine = llm.engine
-    ids = engine.tokenizer.encode(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
+    if isinstance(text_or_ids, str):
+        ids = engine.require_tokenizer("perplexity of a text must tokenize it,").encode(text_or_ids)
+    else:
+        ids = text_or_ids
     ids = list(ids)[:max_tokens] if max_tokens is not None else list(ids)
     limit = engine.scheduler_config.max_model_len - 1  # prompt_logits needs len < max_model_len
     if context_length is None:

@@ -20,6 +20,16 @@ class Decoder(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
+class NoText:
+    """The decoder of an engine without a tokenizer (skip_tokenizer_init): every id decodes to
+    "", so a detokenizer built on it streams no text and the output is token ids alone."""
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+NO_TEXT = NoText()
+
 _REPLACEMENT = "\ufffd"
 # How far before the end of the prompt the first window starts (vLLM uses the same value).
 _PROMPT_CONTEXT = 5

@@ -28,8 +28,17 @@ class LoadedModel:
     path: Path
     config: ModelConfig
     model: LlamaForCausalLM
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None: loaded with skip_tokenizer_init (token ids only)
     generation_config: dict[str, Any] = field(default_factory=dict)
+
+    def require_tokenizer(self, what: str) -> Tokenizer:
+        """The tokenizer, or a ValueError when the model was loaded without one."""
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{what} needs a tokenizer, but {self.path} was loaded without one "
+                "(skip_tokenizer_init)"
+            )
+        return self.tokenizer
 
 
 def load_model(
@@ -38,11 +47,16 @@ def load_model(
     rope_scaling: str | dict[str, Any] | None = None,
     quantization: str | None = None,
     tokenizer: str | Path | None = None,
+    skip_tokenizer_init: bool = False,
 ) -> LoadedModel:
     """Load a Hugging Face folder or a GGUF file (None: the default SmolLM2 GGUF).
 
     tokenizer: take the tokenizer from this Hugging Face folder or .gguf file instead of the
     model's own (vLLM's `tokenizer=`); its ids must fit the model's vocabulary.
+
+    skip_tokenizer_init: read no tokenizer at all (`LoadedModel.tokenizer` is None), so a folder
+    with only config.json and weights loads; the engine then takes token ids only. Without it,
+    a folder that has no tokenizer.json is an error that says so before the weights load.
 
     rope_scaling overrides the checkpoint's RoPE scheme (JSON text or a dict, see
     `RopeConfig.from_user`).
@@ -55,6 +69,11 @@ def load_model(
     """
     path = resolve_model(model)
     torch_dtype = parse_dtype(dtype)
+    if skip_tokenizer_init and tokenizer is not None:
+        raise ValueError(
+            f"tokenizer={str(tokenizer)!r} and skip_tokenizer_init=True contradict each other; "
+            "give one of them"
+        )
     override = None if tokenizer is None else load_tokenizer(tokenizer)  # before the weights
     # --- native quantized loading (gguf_native / autoawq) ---
     if quantization not in QUANTIZATION_CHOICES:
@@ -67,7 +86,10 @@ def load_model(
     # --- end native quantized loading ---
     if path.is_dir():
         config = _override_rope(hf.load_hf_config(path), rope_scaling)
-        tok = _own_or(override, config, tokenizer) or Tokenizer.from_hf_folder(path)
+        tok = None if skip_tokenizer_init else _own_or(override, config, tokenizer)
+        if tok is None and not skip_tokenizer_init:
+            _check_has_tokenizer(path)
+            tok = Tokenizer.from_hf_folder(path)
         net = LlamaForCausalLM(config, torch_dtype)
         qcfg = quant_config_of(path)
         awq = autoawq.awq_config_of(path)  # AutoAWQ GEMM checkpoint (raises for others)
@@ -83,7 +105,9 @@ def load_model(
             raise ValueError(f"{path} is a file but not a .gguf; pass a .gguf file or a folder")
         reader = gguf_format.open_gguf(path)
         config = _override_rope(gguf_format.gguf_config(reader), rope_scaling)
-        tok = _own_or(override, config, tokenizer) or Tokenizer.from_gguf(reader)
+        tok = None if skip_tokenizer_init else _own_or(override, config, tokenizer)
+        if tok is None and not skip_tokenizer_init:
+            tok = Tokenizer.from_gguf(reader)
         net = LlamaForCausalLM(config, torch_dtype)
         if quantization == "gguf":
             load_gguf_native(net, reader, config, torch_dtype)
@@ -108,6 +132,18 @@ def load_tokenizer(source: str | Path) -> Tokenizer:
         f"tokenizer={str(source)!r} is invalid: it is neither a Hugging Face folder nor a "
         ".gguf file"
     )
+
+
+def _check_has_tokenizer(folder: Path) -> None:
+    """A model folder without tokenizer.json: say what to do, before any weight is read."""
+    if not (folder / "tokenizer.json").is_file():
+        raise ValueError(
+            f"{folder} has no tokenizer.json, so its text cannot be tokenized. To run it on "
+            "token ids alone, pass skip_tokenizer_init=True (--skip-tokenizer-init); to take "
+            "the tokenizer from elsewhere, pass tokenizer=FOLDER_OR_GGUF (--tokenizer). "
+            "lamina reads Hugging Face 'fast' tokenizers (tokenizer.json); convert a slow one "
+            "with transformers' AutoTokenizer(...).save_pretrained(folder)."
+        )
 
 
 def _own_or(override: Tokenizer | None, config: ModelConfig, source: object) -> Tokenizer | None:

@@ -71,6 +71,9 @@ def render_chat(
     """Token ids of a conversation, exactly as `LLM.chat` builds them. Template variables from
     the client are passed on, but never a template itself (rendering one is the server's
     choice, and a client-written template could loop for as long as it likes)."""
+    tokenizer = sv.require_tokenizer(
+        "messages are rendered as text by the chat template", "messages"
+    )
     extra = {k: v for k, v in (kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
     dicts = message_dicts(messages)
     try:
@@ -78,7 +81,7 @@ def render_chat(
     except ValueError as e:
         raise APIError(str(e), 400, param="messages") from None
     try:
-        ids = sv.tokenizer.apply_chat_template(
+        ids = tokenizer.apply_chat_template(
             _template_ready(dicts),
             add_generation_prompt=add_generation_prompt,
             tokenize=True,

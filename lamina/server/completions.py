@@ -58,7 +58,7 @@ class _Prompt:
                 raise APIError(
                     f"prompt token ids {bad[:5]} are outside the vocabulary", 400, param="prompt"
                 )
-            self._text = self._sv.tokenizer.decode(self.ids, skip_special_tokens=False)
+            self._text = self._sv.decode_prompt(self.ids)
         return self._text
 
 

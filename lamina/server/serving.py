@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from lamina.loading.tokenizer import Tokenizer
 from lamina.outputs import CompletionOutput, Logprob, RequestOutput
 from lamina.sampling_params import SamplingParams
 from lamina.server.async_engine import (
@@ -42,13 +43,35 @@ class Serving:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
-        self.tokenizer = engine.engine.tokenizer
+        # None: the server runs without a tokenizer (--skip-tokenizer-init), on token ids
+        self._tokenizer: Tokenizer | None = engine.engine.tokenizer
         self.max_model_len = engine.engine.scheduler_config.max_model_len
         self.vocab_size = engine.engine.model_config.vocab_size
         limit = settings.max_prompt_tokens
         self.max_prompt_tokens = min(limit or self.max_model_len, self.max_model_len - 1)
         # no tokenizer's tokens are longer than this: a longer text could never fit
         self.max_prompt_chars = self.max_prompt_tokens * settings.max_chars_per_token
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer; without one (--skip-tokenizer-init) every route that needs it
+        (text prompts, chat, /tokenize, /detokenize, /tokenizer_info) answers this 400."""
+        return self.require_tokenizer("this route turns text into token ids or back")
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
+
+    def require_tokenizer(self, what: str, param: str | None = None) -> Tokenizer:
+        """The tokenizer, or a 400 saying that `what` needs one and what is accepted."""
+        if self._tokenizer is None:
+            raise APIError(
+                f"{what}, but this server runs without a tokenizer (--skip-tokenizer-init); "
+                "it accepts token-id prompts on /v1/completions only",
+                400,
+                param=param,
+            )
+        return self._tokenizer
 
     @property
     def model_name(self) -> str:
@@ -93,11 +116,21 @@ class Serving:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt, its length checked first. Called off the event loop; the
         batch call releases the GIL while it tokenizes, so the loop keeps answering."""
+        tokenizer = self.require_tokenizer("the prompt is text; give token ids", "prompt")
         self.check_prompt_chars(len(text))
-        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
     def decode_token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        """A token's text for logprobs; without a tokenizer vLLM's `token_id:N` spelling."""
+        if self._tokenizer is None:
+            return f"token_id:{token_id}"
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def decode_prompt(self, ids: list[int]) -> str:
+        """A token-id prompt's text (for echo); "" without a tokenizer, as the outputs' text."""
+        if self._tokenizer is None:
+            return ""
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
 
     def resolve_max_tokens(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
         """Check the prompt and prompt + max_tokens against the context; None means all the
@@ -135,6 +168,15 @@ class Serving:
     ) -> SamplingParams:
         """The request's fields as SamplingParams; its range errors become 400s."""
         self.check_request_caps(req)
+        if not self.has_tokenizer:
+            for name, value, instead in (
+                ("stop", req.stop, "use stop_token_ids"),
+                ("bad_words", req.bad_words, "use logit_bias or allowed_token_ids"),
+            ):
+                if value:
+                    self.require_tokenizer(
+                        f"{name}={value!r} needs the output text ({instead})", name
+                    )
         limit = self.settings.max_n
         for name, v in (("n", req.n), ("best_of", best_of)):
             if v is not None and v > limit:
