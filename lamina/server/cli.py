@@ -257,6 +257,8 @@ def _api_key(args: argparse.Namespace) -> str | None:
             key = f.readline().strip()
     except OSError as e:
         raise UsageError(f"--api-key-file: cannot read {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:  # a ValueError: it would name neither the flag nor the file
+        raise UsageError(f"--api-key-file: cannot read {path}: not UTF-8 text") from e
     if not key:
         raise UsageError(f"--api-key-file: {path} holds no key")
     return key
