@@ -81,7 +81,8 @@ class LLM:
         """The engine's tokenizer; a ValueError when it runs without one (skip_tokenizer_init),
         as vLLM's."""
         return self.engine.require_tokenizer(
-            "get_tokenizer() has no tokenizer to return:", "load the model without it"
+            "get_tokenizer() was called,",
+            "load the model without skip_tokenizer_init to have one",
         )
 
     def generate(

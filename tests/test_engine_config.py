@@ -36,6 +36,7 @@ LLM_KWARGS = {
     "attention_backend",
     "seed",
     "tokenizer",
+    "skip_tokenizer_init",
     "enforce_eager",
     "gpu_memory_utilization",
 }
