@@ -27,7 +27,9 @@ from lamina.server.errors import APIError, install_error_handlers
 from lamina.server.limits import LimitsMiddleware
 from lamina.server.metrics import CONTENT_TYPE, ServerMetrics
 from lamina.server.protocol import (
+    ChatCompletion,
     ChatCompletionRequest,
+    Completion,
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
@@ -175,11 +177,11 @@ def build_app(engine: LLMEngine | AsyncEngine, settings: ServerSettings | None =
     def card() -> ModelCard:
         return ModelCard(id=sv.model_name, root=sv.model_name, max_model_len=sv.max_model_len)
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses={200: {"model": ModelList}})
     async def models() -> JSONResponse:
         return JSONResponse(ModelList(data=[card()]).model_dump(mode="json"))
 
-    @api.get("/v1/models/{model_id:path}")
+    @api.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}})
     async def model(model_id: str) -> JSONResponse:
         if model_id != sv.model_name:
             raise APIError(
@@ -190,21 +192,32 @@ def build_app(engine: LLMEngine | AsyncEngine, settings: ServerSettings | None =
             )
         return JSONResponse(card().model_dump(mode="json"))
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", responses={200: {"model": Completion, "content": _STREAM}})
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         return await create_completion(sv, req, raw)
 
-    @api.post("/v1/chat/completions")
+    @api.post(
+        "/v1/chat/completions", responses={200: {"model": ChatCompletion, "content": _STREAM}}
+    )
     async def chat(req: ChatCompletionRequest, raw: Request) -> Response:
         return await create_chat_completion(sv, req, raw)
 
     for prefix in ("", "/v1"):
-        api.add_api_route(f"{prefix}/tokenizer_info", tokenizer_info, methods=["GET"])
-        api.add_api_route(f"{prefix}/tokenize", tokenize, methods=["POST"])
-        api.add_api_route(f"{prefix}/detokenize", detokenize, methods=["POST"])
+        for path, route, method, result in (
+            ("tokenizer_info", tokenizer_info, "GET", TokenizerInfo),
+            ("tokenize", tokenize, "POST", TokenizeResponse),
+            ("detokenize", detokenize, "POST", DetokenizeResponse),
+        ):
+            api.add_api_route(
+                f"{prefix}/{path}", route, methods=[method], responses={200: {"model": result}}
+            )
     app.include_router(api)
 
-    @app.get("/health")
+    @app.get(
+        "/health",
+        response_class=Response,
+        responses={200: {"description": "The server is up (an empty body)"}},
+    )
     async def health() -> Response:
         return Response(status_code=200)
 
@@ -226,9 +239,41 @@ def build_app(engine: LLMEngine | AsyncEngine, settings: ServerSettings | None =
     return app
 
 
+# a streamed answer (`"stream": true`): server-sent events; the schema describes one event (as
+# OpenAPI before 3.2 reads it), whose data is a JSON chunk (or an ErrorResponse), the last [DONE]
+_STREAM = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "properties": {"data": {"type": "string"}},
+            "required": ["data"],
+        }
+    }
+}
+
+# Error statuses the server sends, each with ErrorResponse's body (errors.py): on every route
+# but /health; on routes with a body; on the generating routes; on one route.
+_ERRORS = {
+    "400": "Invalid request (or a Host header outside --allowed-hosts)",
+    "401": "Missing or wrong API key (with --api-key)",
+    "429": "Too many requests in flight (--max-in-flight-requests); retry later",
+    "500": "Internal error: the message has an id under which the server logged it",
+}
+_BODY_ERRORS = {
+    "408": "The body came too slowly (--body-read-timeout, --body-timeout)",
+    "413": "The body is too large (--max-body-bytes)",
+}
+_ENGINE_ERRORS = {
+    "503": "Too many pending requests, or shutting down; retry later",
+    "504": "The request ran longer than --request-timeout",
+}
+_ROUTE_ERRORS = {"/v1/models/{model_id}": {"404": "No such model (model_not_found)"}}
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document, with the statuses the server really sends: an invalid request is a
-    400 with OpenAI's error body (errors.py), never a 422 with FastAPI's."""
+    400 with OpenAI's error body (errors.py), never a 422 with FastAPI's; every error status a
+    route can answer is listed with that body."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         ref = "#/components/schemas/{model}"
@@ -238,18 +283,20 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         schemas["ErrorResponse"] = error
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
-        for operations in schema.get("paths", {}).values():
+        content = {"application/json": {"schema": {"$ref": ref.format(model="ErrorResponse")}}}
+        for path, operations in schema.get("paths", {}).items():
+            if path == "/health":
+                continue
             for op in operations.values():
                 responses = op.setdefault("responses", {})
-                if responses.pop("422", None) is not None:
-                    responses["400"] = {
-                        "description": "Invalid request",
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": ref.format(model="ErrorResponse")}
-                            }
-                        },
-                    }
+                responses.pop("422", None)
+                errors = {**_ERRORS, **_ROUTE_ERRORS.get(path, {})}
+                if "requestBody" in op:
+                    errors.update(_BODY_ERRORS)
+                if path in ("/v1/completions", "/v1/chat/completions"):
+                    errors.update(_ENGINE_ERRORS)
+                for status in sorted(errors):
+                    responses[status] = {"description": errors[status], "content": content}
         app.openapi_schema = schema
     return app.openapi_schema
 

@@ -298,3 +298,38 @@ def test_openapi_says_400_with_the_error_schema(server):
                 assert err["type"] == "invalid_request_error"
         assert {"/v1/completions", "/v1/chat/completions", "/tokenize"} <= set(with_body)
         assert "/v1/models/{model_id}" in doc["paths"]
+
+
+def test_openapi_describes_every_answer(server):
+    """Each route's 200 names its body (and the event stream where there is one), and every
+    error status it can send is listed with ErrorResponse: what schemathesis checks against."""
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        doc = c.get("/openapi.json").json()
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    ok = {
+        ("get", "/v1/models"): "ModelList",
+        ("get", "/v1/models/{model_id}"): "ModelCard",
+        ("post", "/v1/completions"): "Completion",
+        ("post", "/v1/chat/completions"): "ChatCompletion",
+        ("get", "/tokenizer_info"): "TokenizerInfo",
+        ("post", "/tokenize"): "TokenizeResponse",
+        ("post", "/v1/detokenize"): "DetokenizeResponse",
+    }
+    for (method, path), name in ok.items():
+        content = doc["paths"][path][method]["responses"]["200"]["content"]
+        assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+        assert ("text/event-stream" in content) == ("completions" in path)
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            errors = {s: r for s, r in op["responses"].items() if s != "200"}
+            if path == "/health":
+                assert errors == {}
+                assert "content" not in op["responses"]["200"]  # an empty body
+                continue
+            want = {"400", "401", "429", "500"}
+            want |= {"408", "413"} if "requestBody" in op else set()
+            want |= {"503", "504"} if "completions" in path else set()
+            want |= {"404"} if path == "/v1/models/{model_id}" else set()
+            assert set(errors) == want, (method, path)
+            for r in errors.values():
+                assert r["content"]["application/json"]["schema"] == error_ref
