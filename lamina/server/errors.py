@@ -87,6 +87,24 @@ def internal_error(where: str, exc: BaseException) -> APIError:
     return APIError(f"internal server error (id {error_id}; the server's log has the details)", 500)
 
 
+# pydantic's name for a member of a union in an error's loc ("str", "list[int]", "ContentPart"):
+# no request field is spelled so
+_UNION_MEMBER = re.compile(r"^(?:str|int|float|bool|none|[A-Z]\w*|[\w-]+\[.*\])$")
+
+
+def _field_path(loc: Any) -> tuple[list[str], str | None]:
+    """An error's loc up to the first name of a union member (the field a client wrote), and
+    that name (None when there is none)."""
+    path: list[str] = []
+    for x in loc:
+        if x == "body" and not path:
+            continue
+        if isinstance(x, str) and _UNION_MEMBER.match(x):
+            return path, x
+        path.append(str(x))
+    return path, None
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     first = errors[0] if errors else {}
@@ -96,9 +114,17 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     field = (first.get("ctx") or {}).get("field")
     if isinstance(field, str):  # protocol.py's own checks name the field in ctx
         return APIError(first.get("msg", "invalid request"), 400, param=field)
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
+    loc, member = _field_path(first.get("loc", ()))
+    kinds: list[str] = []
+    if member is not None:  # the members of the union at loc, each with an error (none fits)
+        paths = [_field_path(e.get("loc", ())) for e in errors]
+        kinds = list(dict.fromkeys(m for path, m in paths if path == loc and m is not None))
     msg = first.get("msg", "invalid request")
+    if len(kinds) > 1:  # name the field and the types it takes
+        msg = f"invalid value; it must be {', '.join(kinds[:-1])} or {kinds[-1]}"
+    else:  # not a union after all (a dict key spelled like a type): the loc as it is
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
     if kind == "extra_forbidden" and loc:
         names = [f for f in REQUEST_FIELDS if f != loc[-1]]
         close = difflib.get_close_matches(loc[-1], names, n=1)

@@ -123,6 +123,28 @@ def test_any_value_fields_are_accepted_where_they_belong(server):
         assert err["param"] == field
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param", "types"),
+    [
+        ("/v1/completions", {**COMPLETION, "prompt": [[1.5]]}, "prompt", "list[list[int]]"),
+        ("/v1/completions", {**COMPLETION, "prompt": 5}, "prompt", "str, list[str]"),
+        ("/v1/completions", {**COMPLETION, "stop": [1]}, "stop", "str or list[str]"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": 5}]},
+            "messages.0.content",
+            "list[ContentPart]",
+        ),
+        ("/v1/completions", {**COMPLETION, "logit_bias": {"str": "x"}}, "logit_bias.str", None),
+    ],
+)
+def test_wrong_type_of_a_union_field_names_the_field(server, path, body, param, types):
+    err = error(post(server, path, body))
+    assert err["param"] == param  # not pydantic's "prompt.str"
+    if types is not None:
+        assert types in err["message"]
+
+
 # ---- invalid Unicode --------------------------------------------------------------------------
 # a JSON "\ud800" escape decodes to a lone surrogate, which UTF-8 (and so no tokenizer) encodes
 BAD = "\\ud800"
