@@ -309,10 +309,10 @@ async def k_completion_n(ctx: Context, rng: random.Random) -> Outcome:
         body["prompt"] = rng.sample(SHORT_PROMPTS, 2)
         prompts = 2
     if rng.random() < 0.3:
-        body["best_of"] = n + 1
-    if rng.random() < 0.3:
-        body["stream"] = True
+        body["stream"] = True  # best_of must equal n when streaming: left out
         return await _stream(ctx, "completion_n", "/v1/completions", body)
+    if rng.random() < 0.4:
+        body["best_of"] = n + 1
     return await _post_json(
         ctx, "completion_n", "/v1/completions", body, expect_choices=n * prompts
     )
@@ -562,8 +562,11 @@ async def k_oversized(ctx: Context, rng: random.Random) -> Outcome:
     """A body over --max-body-bytes: 413 (declared by Content-Length, or streamed chunked)."""
     size = ctx.max_body_bytes + rng.randint(1, 4096)
     raw = b'{"model": "soak", "max_tokens": 1, "prompt": "' + b"x" * size + b'"}'
-    if rng.random() < 0.5:
-        return await _post_json(ctx, "oversized", "/v1/completions", None, raw=raw)
+    if rng.random() < 0.5:  # declared: answered 413 at once, often before it is all sent
+        out = await _post_json(ctx, "oversized", "/v1/completions", None, raw=raw)
+        if out.status.startswith("transport:"):
+            out.note, out.status = out.status, "closed_while_sending"
+        return out
 
     async def chunks() -> Any:  # no Content-Length: the server must count as it reads
         for i in range(0, len(raw), 65536):
@@ -645,7 +648,7 @@ KINDS = [
     Kind("nan", 2, BAD, k_nan),
     Kind("invalid_value", 3, BAD, k_invalid_value),
     Kind("bad_token_id", 1, BAD, k_bad_token_id),
-    # a chunked body may be cut off by the server's 413 and close before it is all sent
+    # the server may answer 413 and close the connection before the body is all sent
     Kind("oversized", 1, frozenset({"413", "closed_while_sending"}), k_oversized),
     Kind("unauthorized", 1, frozenset({"401"}), k_unauthorized),
     Kind("unknown_model", 1, frozenset({"400", "404"}), k_unknown_model),
