@@ -14,6 +14,11 @@ model forward), and the run's environment (environment.py). Results go to
 benchmarks/results/throughput_<dtype>[_partial].json.
 
     python benchmarks/throughput.py [--dtype bfloat16] [--repeats 3] [--skip-hf] [--quick]
+        [--batch-invariant]
+
+--batch-invariant also runs a second engine with batch_invariant=True, its repeats alternating
+with the default engine's, and reports its throughput as a fraction of the default's
+(results go to throughput_<dtype>_batch_invariant.json).
 """
 
 from __future__ import annotations
@@ -134,14 +139,19 @@ def main() -> None:
         default="fixed_b8,fixed_b16,random_64",
         help="comma-separated subset of fixed_b8, fixed_b16, random_64",
     )
+    ap.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="also measure batch_invariant=True, alternating with the default engine",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        max_model_len=1024,
-        max_num_seqs=64,
-        max_num_batched_tokens=1024,
+    settings = {"max_model_len": 1024, "max_num_seqs": 64, "max_num_batched_tokens": 1024}
+    llm = LLM(args.model, dtype=args.dtype, **settings)
+    invariant = (
+        LLM(args.model, dtype=args.dtype, batch_invariant=True, **settings)
+        if args.batch_invariant
+        else None
     )
     vocab = llm.engine.model_config.vocab_size
     workloads = {f"fixed_b{b}": fixed_workload(b, vocab) for b in (8, 16)}
@@ -177,11 +187,40 @@ def main() -> None:
         "workloads": {},
     }
     print(summary(results["environment"]), flush=True)
-    run_lamina(llm, *fixed_workload(4, vocab, seed=99))  # warm-up
+    for engine in (llm, invariant):
+        if engine is not None:
+            run_lamina(engine, *fixed_workload(4, vocab, seed=99))  # warm-up
     for name, (prompts, outs) in workloads.items():
-        entry = {"lamina": summarize([run_lamina(llm, prompts, outs) for _ in range(args.repeats)])}
+        if invariant is None:
+            entry = {
+                "lamina": summarize([run_lamina(llm, prompts, outs) for _ in range(args.repeats)])
+            }
+        else:  # alternate, so drift on a shared machine hits both alike
+            pairs = [
+                (run_lamina(llm, prompts, outs), run_lamina(invariant, prompts, outs))
+                for _ in range(args.repeats)
+            ]
+            entry = {
+                "lamina": summarize([a for a, _ in pairs]),
+                "lamina_batch_invariant": summarize([b for _, b in pairs]),
+            }
+            fractions = [
+                (b["output_tokens"] / b["seconds"]) / (a["output_tokens"] / a["seconds"])
+                for a, b in pairs
+            ]
+            entry["batch_invariant_fraction"] = {
+                "median": statistics.median(fractions),
+                "min": min(fractions),
+                "max": max(fractions),
+            }
         line = f"{name:10s} lamina {fmt(entry['lamina'])} out tok/s"
         line += f", overhead {entry['lamina']['overhead_ms_per_step']:.2f} ms/step"
+        if invariant is not None:
+            frac = entry["batch_invariant_fraction"]
+            line += (
+                f" | batch-invariant {fmt(entry['lamina_batch_invariant'])} = "
+                f"{frac['median']:.2f}x ({frac['min']:.2f}-{frac['max']:.2f})"
+            )
         if hf is not None:
             batch = len(prompts) if name.startswith("fixed") else 16
             entry["transformers"] = summarize(
@@ -199,6 +238,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     if not args.quick:
         suffix = "" if keep == {"fixed_b8", "fixed_b16", "random_64"} else "_partial"
+        if invariant is not None:
+            suffix = "_batch_invariant" + suffix
         out = RESULTS / f"throughput_{args.dtype}{suffix}.json"
         out.write_text(json.dumps(results, indent=2))
         print(f"wrote {out}")

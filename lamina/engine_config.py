@@ -59,6 +59,10 @@ class EngineConfig:
       and chat are refused with an error saying so; outputs carry token_ids and text "" (vLLM's
       detokenize=False, implied); EOS comes from config.json / generation_config.json (or the
       GGUF metadata), and stop_token_ids work. It cannot be combined with tokenizer.
+    - batch_invariant: greedy and seeded outputs then depend only on the request (its prompt,
+      its parameters, its seed), never on what else runs; it needs the "exact" attention
+      backend (a C++ kernel built on first use; attention_backend must be auto or exact),
+      dense causal attention (no sliding_window / attention_sinks / H2O) and float weights.
     - enforce_eager and gpu_memory_utilization exist so vLLM scripts run unchanged; neither
       changes anything (no graphs are captured; the KV budget is kv_cache_bytes or
       num_kv_blocks).
@@ -138,6 +142,12 @@ class EngineConfig:
         "auto",
         "attention implementation: auto picks the fastest correct one for the device; torch is "
         "the plain-PyTorch reference",
+    )
+    batch_invariant: bool = _opt(
+        False,
+        "bit-identical tokens whatever a request is batched with, after preemption and under "
+        "any chunking, in every dtype (the exact attention kernel, GEMMs over >= 2 rows); "
+        "costs throughput (README)",
     )
     seed: int | None = _opt(
         None,

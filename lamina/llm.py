@@ -73,6 +73,7 @@ class LLM:
             pack_weights=config.pack_weights,
             attention_backend=config.attention_backend,
             seed=config.seed,
+            batch_invariant=config.batch_invariant,
         )
         self.tokenizer: Tokenizer | None = loaded.tokenizer  # None: skip_tokenizer_init
         self._ids = itertools.count()

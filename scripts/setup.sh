@@ -49,5 +49,8 @@ if [ -n "$extras" ] && ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]
       "tests/server/test_reverse_proxy.py will skip"
   fi
 fi
+# lamina's C++ kernels (lamina/csrc), built now rather than on first use and cached in
+# ~/.cache/lamina; without a compiler this prints why, and what needs them refuses clearly.
+.venv/bin/python -c "from lamina.attention.extension import build_all; build_all()"
 .venv/bin/python -c "import lamina, torch; from lamina.loading.resolve import default_model_path; \
 print(f'lamina {lamina.__version__}, torch {torch.__version__}, default model {default_model_path().name}')"

@@ -39,6 +39,11 @@ class AttentionBackend(ABC):
         return True
 
     @classmethod
+    def unavailable_reason(cls, device: torch.device) -> str | None:
+        """Why `available(device)` is False, for the error that refuses the backend."""
+        return None
+
+    @classmethod
     def supports(cls, retention: type[RetentionAttention] | None) -> bool:
         return retention is None or issubclass(retention, cls.supported_retention)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lamina.attention.base import AttentionBackend
+from lamina.attention.exact import ExactAttentionBackend
 from lamina.attention.online_softmax import OnlineSoftmaxBackend
 from lamina.attention.torch_backend import TorchAttentionBackend
 from lamina.kv.retention import RetentionAttention
@@ -31,24 +32,27 @@ def select_attention_backend(
     available on `device` that runs the retention policy's attention kind."""
     device = torch.device(device)
     if name == "auto":
-        fits = [
-            cls for cls in _BACKENDS.values() if cls.available(device) and cls.supports(retention)
-        ]
-        if not fits:
-            raise ValueError(f"no attention backend runs on {device} with this retention policy")
-        return max(fits, key=lambda c: c.priority)()
+        # highest priority first, and `available` (which may build a kernel) only as needed
+        ranked = sorted(_BACKENDS.values(), key=lambda c: c.priority, reverse=True)
+        for cls in ranked:
+            if cls.priority >= 0 and cls.supports(retention) and cls.available(device):
+                return cls()
+        raise ValueError(f"no attention backend runs on {device} with this retention policy")
     if name not in _BACKENDS:
         raise ValueError(
             f"unknown attention backend {name!r}; accepted: auto, {', '.join(sorted(_BACKENDS))}"
         )
     cls = _BACKENDS[name]
     if not cls.available(device):
-        raise ValueError(f"attention backend {name!r} is not available on {device}")
+        why = cls.unavailable_reason(device)
+        raise ValueError(
+            f"attention backend {name!r} is not available on {device}" + (f": {why}" if why else "")
+        )
     if not cls.supports(retention):
         kind = retention.__name__ if retention else "dense"
         raise ValueError(f"attention backend {name!r} does not implement {kind} attention")
     return cls()
 
 
-for _builtin in (TorchAttentionBackend, OnlineSoftmaxBackend):
+for _builtin in (TorchAttentionBackend, OnlineSoftmaxBackend, ExactAttentionBackend):
     register_attention_backend(_builtin)

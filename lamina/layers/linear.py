@@ -7,8 +7,9 @@ bfloat16 and 2-4x in float32 against the same GEMM on a weight reordered once in
 blocked layout (measured in PEERS.md). `pack_weight` does that reorder (the op inductor's
 freezing pass uses, pinned with torch) and the engine packs every plain `Linear` once it owns
 the model, dropping the row-major copy. On the Zen 4 CPUs measured, a packed GEMM's result for a
-row does not depend on how many rows share the call (plain fp32 `F.linear` does), so batching
-stays bit-for-bit invariant there.
+row does not depend on how many rows share the call once there are two or more; a single row
+takes oneDNN's matrix-vector kernel, whose sums differ in the last bits (plain `F.linear` does
+the same). So batch-invariant mode (`min_rows=2`) computes a lone row as the first of two.
 """
 
 from __future__ import annotations
@@ -40,11 +41,21 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None, min_rows: int = 1
 ) -> torch.Tensor:
-    """y = x W^T (+ b) for a 2-D x and a weight from `pack_weight`."""
-    y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-    return cast(torch.Tensor, y)
+    """y = x W^T (+ b) for a 2-D x and a weight from `pack_weight`, computed over at least
+    `min_rows` rows (zero rows pad a shorter x; see the module docstring)."""
+    rows = x.shape[0]
+    x = pad_rows(x.contiguous(), min_rows)
+    y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return cast(torch.Tensor, y)[:rows]
+
+
+def pad_rows(x: torch.Tensor, min_rows: int) -> torch.Tensor:
+    """x [n, ...] with zero rows appended up to `min_rows` rows."""
+    if x.shape[0] >= min_rows:
+        return x
+    return torch.cat([x, x.new_zeros(min_rows - x.shape[0], *x.shape[1:])])
 
 
 class Linear(nn.Module):
@@ -64,10 +75,17 @@ class Linear(nn.Module):
         )
 
         self.packed: torch.Tensor | None = None
+        self.min_rows = 1  # 2 in batch-invariant mode (module docstring)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.dim() == 2:
+            return packed_linear(x, self.packed, self.bias, self.min_rows)
         if self.packed is not None:
-            return packed_linear(x, self.packed, self.bias)
+            shape = x.shape
+            y = packed_linear(x.reshape(-1, shape[-1]), self.packed, self.bias, self.min_rows)
+            return y.view(*shape[:-1], -1)
+        if self.min_rows > 1 and x.dim() == 2:
+            return F.linear(pad_rows(x, self.min_rows), self.weight, self.bias)[: x.shape[0]]
         return F.linear(x, self.weight, self.bias)
 
     def pack(self) -> bool:

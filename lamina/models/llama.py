@@ -23,7 +23,7 @@ from lamina.attention.torch_backend import TorchAttentionBackend
 from lamina.config import ModelConfig
 from lamina.kv.cache import LayerCache
 from lamina.layers.activation import silu_and_mul
-from lamina.layers.linear import Linear, can_pack, pack_weight, packed_linear
+from lamina.layers.linear import Linear, can_pack, pack_weight, packed_linear, pad_rows
 from lamina.layers.norm import RMSNorm
 from lamina.layers.rotary import RotaryEmbedding, apply_rotary
 from lamina.models.layout import PackedModule, WeightLayout
@@ -183,6 +183,7 @@ class LlamaForCausalLM(nn.Module):
         self.prune_config: PruneConfig | None = None
         self.gguf_native: dict[str, str] | None = None
         self.awq_native: dict[str, str] | None = None
+        self.min_rows = 1  # set_batch_invariant
 
     @property
     def decoder_layers(self) -> list[LlamaDecoderLayer]:
@@ -225,8 +226,18 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits for the selected hidden rows (sampling wants full precision)."""
         if self.packed_lm_head is not None:
-            return packed_linear(hidden, self.packed_lm_head).float()
-        return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
+            return packed_linear(hidden, self.packed_lm_head, min_rows=self.min_rows).float()
+        rows = hidden.shape[0]
+        padded = pad_rows(hidden, self.min_rows)
+        return torch.nn.functional.linear(padded, self.lm_head_weight)[:rows].float()
+
+    def set_batch_invariant(self, on: bool) -> None:
+        """Compute every matrix product over at least two rows, where oneDNN's result for a row
+        does not depend on the others (layers/linear.py); attention is the backend's part."""
+        self.min_rows = 2 if on else 1
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.min_rows = self.min_rows
 
     def pack_weights(self) -> int:
         """Pack every plain Linear and the LM head for oneDNN's CPU GEMM (lamina/layers/
