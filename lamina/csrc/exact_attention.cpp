@@ -26,6 +26,7 @@ namespace {
 
 constexpr int TILE = 16;  // keys per tile
 constexpr int LANES = 16;  // independent partial sums of a dot product
+constexpr int64_t QUERY_BLOCK = 16;  // tokens of one sequence sharing each key tile's loads
 
 // exp(x) for x <= 0 (every argument here is), to ~2 ulp: 2^n * p(r) with x = n ln2 + r.
 inline float exp_nonpositive(float x) {
@@ -87,59 +88,81 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   QT* op = out.data_ptr<QT>();
   const float fscale = static_cast<float>(scale);
 
-  // One work item: a token's query heads that share a KV head (each still its own row: the
-  // tile of keys is loaded once for them, their arithmetic is separate).
-  at::parallel_for(0, tokens * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qrows(groups * dim), acc(groups * dim), keys(TILE * dim),
-        values(TILE * dim), m(groups), l(groups), s(groups * TILE);
+  // Work items: up to QUERY_BLOCK consecutive tokens of one sequence, with the query heads
+  // that share one KV head. Each key tile is loaded (and converted) once for all of them; every
+  // (token, head) row still runs its own arithmetic over its own keys, exactly as it would alone.
+  std::vector<int64_t> starts;
+  for (int64_t t = 0; t < tokens; ++t)
+    if (t == 0 || seqs[t] != seqs[t - 1] || t - starts.back() == QUERY_BLOCK) starts.push_back(t);
+  starts.push_back(tokens);
+  const int64_t blocks = static_cast<int64_t>(starts.size()) - 1;
+
+  at::parallel_for(0, blocks * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows_max = QUERY_BLOCK * groups;
+    std::vector<float> qrows(rows_max * dim), acc(rows_max * dim), m(rows_max), l(rows_max);
+    std::vector<float> keys(TILE * dim), values(TILE * dim);
+    float s[TILE];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / kv_heads, kvh = item % kv_heads;
-      const int64_t* table = tables + seqs[t] * table_width;
-      const int64_t n = nkeys[t];
-      for (int64_t g = 0; g < groups; ++g)
-        load_row(qp + (t * q_heads + kvh * groups + g) * dim, fscale, dim, &qrows[g * dim]);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.0f);
-      for (int64_t first = 0; first < n; first += TILE) {
-        const int count = static_cast<int>(std::min<int64_t>(TILE, n - first));
-        for (int i = 0; i < count; ++i) {
+      const int64_t block = item / kv_heads, kvh = item % kv_heads;
+      const int64_t t0 = starts[block], count_t = starts[block + 1] - t0;
+      const int64_t* table = tables + seqs[t0] * table_width;
+      int64_t n_max = 0;
+      for (int64_t j = 0; j < count_t; ++j) {
+        n_max = std::max(n_max, nkeys[t0 + j]);
+        for (int64_t g = 0; g < groups; ++g)
+          load_row(qp + ((t0 + j) * q_heads + kvh * groups + g) * dim, fscale, dim,
+                   &qrows[(j * groups + g) * dim]);
+      }
+      const int64_t rows = count_t * groups;
+      std::fill(acc.begin(), acc.begin() + rows * dim, 0.0f);
+      std::fill(m.begin(), m.begin() + rows, -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.begin() + rows, 0.0f);
+      for (int64_t first = 0; first < n_max; first += TILE) {
+        const int loaded = static_cast<int>(std::min<int64_t>(TILE, n_max - first));
+        for (int i = 0; i < loaded; ++i) {
           const int64_t key = first + i;
           const int64_t slot = table[key / block_size] * block_size + key % block_size;
           const int64_t at = slot * kv_heads + kvh;
           load_row(kp + at * dim, k_scale ? k_scale[at] : 1.0f, dim, &keys[i * dim]);
           load_row(vp + at * dim, v_scale ? v_scale[at] : 1.0f, dim, &values[i * dim]);
         }
-        for (int64_t g = 0; g < groups; ++g) {
-          float* sg = &s[g * TILE];
-          float tile_max = -std::numeric_limits<float>::infinity();
-          for (int i = 0; i < count; ++i) {
-            sg[i] = dot(&qrows[g * dim], &keys[i * dim], dim);
-            tile_max = std::max(tile_max, sg[i]);
+        for (int64_t j = 0; j < count_t; ++j) {
+          const int64_t n = nkeys[t0 + j];
+          if (first >= n) continue;
+          const int count = static_cast<int>(std::min<int64_t>(TILE, n - first));
+          for (int64_t g = 0; g < groups; ++g) {
+            const int64_t r = j * groups + g;
+            float tile_max = -std::numeric_limits<float>::infinity();
+            for (int i = 0; i < count; ++i) {
+              s[i] = dot(&qrows[r * dim], &keys[i * dim], dim);
+              tile_max = std::max(tile_max, s[i]);
+            }
+            const float m_new = std::max(m[r], tile_max);
+            const float c = exp_nonpositive(m[r] - m_new);
+            float tile_sum = 0.0f;
+            for (int i = 0; i < count; ++i) {
+              s[i] = exp_nonpositive(s[i] - m_new);
+              tile_sum += s[i];
+            }
+            l[r] = l[r] * c + tile_sum;
+            float* ar = &acc[r * dim];
+            for (int64_t d = 0; d < dim; ++d) ar[d] *= c;
+            for (int i = 0; i < count; ++i) {
+              const float pi = s[i];
+              const float* vi = &values[i * dim];
+              for (int64_t d = 0; d < dim; ++d) ar[d] += pi * vi[d];
+            }
+            m[r] = m_new;
           }
-          const float m_new = std::max(m[g], tile_max);
-          const float c = exp_nonpositive(m[g] - m_new);
-          float tile_sum = 0.0f;
-          for (int i = 0; i < count; ++i) {
-            sg[i] = exp_nonpositive(sg[i] - m_new);
-            tile_sum += sg[i];
-          }
-          l[g] = l[g] * c + tile_sum;
-          float* ag = &acc[g * dim];
-          for (int64_t d = 0; d < dim; ++d) ag[d] *= c;
-          for (int i = 0; i < count; ++i) {
-            const float pi = sg[i];
-            const float* vi = &values[i * dim];
-            for (int64_t d = 0; d < dim; ++d) ag[d] += pi * vi[d];
-          }
-          m[g] = m_new;
         }
       }
-      for (int64_t g = 0; g < groups; ++g) {
-        QT* dst = op + (t * q_heads + kvh * groups + g) * dim;
-        const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<QT>(acc[g * dim + d] * inv);
-      }
+      for (int64_t j = 0; j < count_t; ++j)
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t r = j * groups + g;
+          QT* dst = op + ((t0 + j) * q_heads + kvh * groups + g) * dim;
+          const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+          for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<QT>(acc[r * dim + d] * inv);
+        }
     }
   });
 }
