@@ -196,6 +196,27 @@ def serving_threads(requested: int | None) -> int:
     return max(1, (cores or 1) - 1)
 
 
+# Entries each of oneDNN's primitive cache and ideep's per-thread cache of GEMM primitives may
+# hold in a server (both default to 1024). The packed linears (lamina/layers/linear.py) build a
+# primitive per (rows, weight shape), ~1.5 MB in the two caches for a few hundred rows, and a
+# server's row count changes with every step that carries a prefill chunk, so the defaults let
+# it grow by over a GB: 400 prompts of distinct lengths took a server from 636 to 1583 MB, and
+# from 633 to ~1030 MB (flat after the first 50) with 128 (the 30-minute soak's 9.7 MB/min,
+# benchmarks/results/README.md, Soak). Keys are shapes, not weights (one entry serves every
+# layer), so 128 holds every decode batch size in use; a one-off row count costs ~0.3 ms per
+# weight shape once per step to rebuild, as it did when it was new.
+GEMM_PRIMITIVE_CACHE_CAPACITY = 128
+_CACHE_CAPACITY_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def bound_gemm_primitive_caches(capacity: int = GEMM_PRIMITIVE_CACHE_CAPACITY) -> None:
+    """Bound oneDNN's and ideep's primitive caches (see GEMM_PRIMITIVE_CACHE_CAPACITY) unless the
+    environment already sets them. Both libraries read their variable when the cache is first
+    used, so this must run before the process's first oneDNN op (the model load packs weights)."""
+    for name in _CACHE_CAPACITY_VARS:
+        os.environ.setdefault(name, str(capacity))
+
+
 def _settings(args: argparse.Namespace) -> ServerSettings:
     """The server's limits from the flags, each checked."""
     if not 0 <= args.port <= 65535:
@@ -308,6 +329,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     threads = serving_threads(args.torch_threads)
     check_address(args.host, args.port)
+    bound_gemm_primitive_caches()
     log = logging.getLogger("lamina.server")
     import torch
 
