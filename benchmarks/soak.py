@@ -108,6 +108,7 @@ class Outcome:
     error_event: bool = False  # a stream carried {"error": ...}
     note: str = ""
     t: float = 0.0  # seconds since the load started
+    ended: str = ""  # a stream read to [DONE]: its error's code, or its last finish_reason
 
 
 @dataclass
@@ -207,7 +208,7 @@ async def _stream(
     start = time.perf_counter()
     ttft: float | None = None
     events, done, error_event = 0, False, False
-    note = ""
+    note, ended = "", ""
     try:
         async with ctx.client.stream("POST", ctx.url + path, json=body, headers=ctx.headers) as r:
             if r.status_code != 200:
@@ -227,7 +228,11 @@ async def _stream(
                 if "error" in chunk:
                     error_event = True
                     note = json.dumps(chunk["error"])[:300]
+                    ended = f"error:{chunk['error'].get('code')}"
                     continue
+                for ch in chunk.get("choices") or []:
+                    if ch.get("finish_reason") and not error_event:
+                        ended = str(ch["finish_reason"])
                 if ttft is None:
                     for ch in chunk.get("choices") or []:
                         piece = ch.get("text") or (ch.get("delta") or {}).get("content")
@@ -248,7 +253,7 @@ async def _stream(
     except json.JSONDecodeError as e:
         return Outcome(kind, "bad_body", time.perf_counter() - start, ttft, note=str(e))
     status = "200" if done else "no_done"
-    return Outcome(kind, status, time.perf_counter() - start, ttft, error_event, note)
+    return Outcome(kind, status, time.perf_counter() - start, ttft, error_event, note, ended=ended)
 
 
 # ---- the request kinds --------------------------------------------------------------------
@@ -970,6 +975,7 @@ def _dist(values: list[float]) -> dict[str, float | None]:
 
     return {
         "count": len(values),
+        "min_ms": ms(min(values) if values else None),
         "p50_ms": ms(percentile(values, 50)),
         "p90_ms": ms(percentile(values, 90)),
         "p99_ms": ms(percentile(values, 99)),
@@ -1014,6 +1020,12 @@ def analyse(
         errs = sum(1 for o in mine if o.error_event)
         if errs:
             entry["stream_error_events"] = errs
+        ended: dict[str, list[float]] = {}
+        for o in mine:
+            if o.ended:
+                ended.setdefault(o.ended, []).append(o.latency)
+        if ended:  # how the streams read to [DONE] ended, and how long each way took
+            entry["ended"] = {k: _dist(v) for k, v in sorted(ended.items())}
         per_kind[name] = entry
 
     five = [o for o in outcomes if o.status.startswith("5")]
