@@ -73,7 +73,7 @@ def kernel_failure(name: str) -> str | None:
     return _FAILURES.get(name)
 
 
-KERNELS = ("exact_attention",)
+KERNELS = ("exact_attention", "paged_attention")
 
 
 def build_all() -> None:

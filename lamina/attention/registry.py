@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lamina.attention.base import AttentionBackend
+from lamina.attention.cpu_paged import CpuPagedAttentionBackend
 from lamina.attention.exact import ExactAttentionBackend
 from lamina.attention.online_softmax import OnlineSoftmaxBackend
 from lamina.attention.torch_backend import TorchAttentionBackend
@@ -54,5 +55,10 @@ def select_attention_backend(
     return cls()
 
 
-for _builtin in (TorchAttentionBackend, OnlineSoftmaxBackend, ExactAttentionBackend):
+for _builtin in (
+    TorchAttentionBackend,
+    OnlineSoftmaxBackend,
+    ExactAttentionBackend,
+    CpuPagedAttentionBackend,
+):
     register_attention_backend(_builtin)
