@@ -34,6 +34,7 @@ LLM_KWARGS = {
     "quantization",
     "pack_weights",
     "attention_backend",
+    "batch_invariant",
     "seed",
     "tokenizer",
     "skip_tokenizer_init",
