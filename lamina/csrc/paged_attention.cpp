@@ -15,6 +15,16 @@
 //
 // Masks: causal, or a per-sequence tree mask among the new tokens (every cached token
 // visible). Vectorised with ATen's at::vec::Vectorized<float> (AVX2 / AVX-512 / NEON).
+// at::vec picks its implementation from CPU_CAPABILITY_* macros, which ATen defines only for
+// its own per-ISA builds: derive them from what -march=native enables (NEON is chosen from
+// __aarch64__ alone), else Vectorized<float> is the generic scalar fallback.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__) && !defined(CPU_CAPABILITY_AVX512)
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY_AVX2)
+#define CPU_CAPABILITY_AVX2
+#endif
+
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -25,6 +35,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -76,55 +88,104 @@ inline void scale_row(float c, float* y, int64_t dim) {
   for (; d < dim; ++d) y[d] *= c;
 }
 
-// scores[r, i] = q_r . k_i for rows r < R and keys i < n, with K transposed (kt [D, TILE]) so
-// that 4 rows x 2 vectors of keys are accumulated in registers per pass over d.
-inline void scores_blocked(const float* q, int64_t rows, const float* kt, int64_t n, int64_t dim,
-                           float* s) {
-  const int64_t w = Vec::size();
-  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-    const int64_t rr = std::min<int64_t>(4, rows - r0);
-    for (int64_t i0 = 0; i0 < n; i0 += 2 * w) {
-      Vec acc[4][2] = {{Vec(0.0f), Vec(0.0f)}, {Vec(0.0f), Vec(0.0f)},
-                       {Vec(0.0f), Vec(0.0f)}, {Vec(0.0f), Vec(0.0f)}};
-      for (int64_t d = 0; d < dim; ++d) {
-        const Vec k0 = Vec::loadu(kt + d * TILE + i0);
-        const Vec k1 = Vec::loadu(kt + d * TILE + i0 + w);
-        for (int64_t r = 0; r < rr; ++r) {
-          const Vec qd(q[(r0 + r) * dim + d]);
-          acc[r][0] = at::vec::fmadd(qd, k0, acc[r][0]);
-          acc[r][1] = at::vec::fmadd(qd, k1, acc[r][1]);
-        }
-      }
-      for (int64_t r = 0; r < rr; ++r) {
-        acc[r][0].store(s + (r0 + r) * TILE + i0);
-        acc[r][1].store(s + (r0 + r) * TILE + i0 + w);
-      }
+// scores[r, i] = q_r . k_i for RB rows and NV vectors of keys (K transposed: kt [D, TILE]),
+// all RB x NV sums held in registers over the pass through d.
+template <int RB, int NV>
+inline void scores_micro(const float* q, int64_t dim, const float* kt, int64_t i0, float* s) {
+  constexpr int64_t w = Vec::size();
+  Vec acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.0f);
+  for (int64_t d = 0; d < dim; ++d) {
+    Vec k[NV];
+    for (int v = 0; v < NV; ++v) k[v] = Vec::loadu(kt + d * TILE + i0 + v * w);
+    for (int r = 0; r < RB; ++r) {
+      const Vec qd(q[r * dim + d]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(qd, k[v], acc[r][v]);
     }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v].store(s + r * TILE + i0 + v * w);
+}
+
+template <int NV>
+inline void scores_rows(const float* q, int64_t rows, int64_t dim, const float* kt, int64_t i0,
+                        float* s) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) scores_micro<6, NV>(q + r * dim, dim, kt, i0, s + r * TILE);
+  switch (rows - r) {
+    case 5: scores_micro<5, NV>(q + r * dim, dim, kt, i0, s + r * TILE); break;
+    case 4: scores_micro<4, NV>(q + r * dim, dim, kt, i0, s + r * TILE); break;
+    case 3: scores_micro<3, NV>(q + r * dim, dim, kt, i0, s + r * TILE); break;
+    case 2: scores_micro<2, NV>(q + r * dim, dim, kt, i0, s + r * TILE); break;
+    case 1: scores_micro<1, NV>(q + r * dim, dim, kt, i0, s + r * TILE); break;
+    default: break;
   }
 }
 
-// acc[r, :] += sum_i p[r, i] v_i, 4 rows at a time sharing each value row's loads.
-inline void accumulate_blocked(const float* p, int64_t rows, const float* v, int64_t n,
-                               int64_t dim, float* acc) {
-  const int64_t w = Vec::size();
-  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-    const int64_t rr = std::min<int64_t>(4, rows - r0);
-    int64_t d0 = 0;
-    for (; d0 + w <= dim; d0 += w) {
-      Vec a[4];
-      for (int64_t r = 0; r < rr; ++r) a[r] = Vec::loadu(acc + (r0 + r) * dim + d0);
-      for (int64_t i = 0; i < n; ++i) {
-        const Vec vi = Vec::loadu(v + i * dim + d0);
-        for (int64_t r = 0; r < rr; ++r)
-          a[r] = at::vec::fmadd(Vec(p[(r0 + r) * TILE + i]), vi, a[r]);
-      }
-      for (int64_t r = 0; r < rr; ++r) a[r].store(acc + (r0 + r) * dim + d0);
+// scores [rows, TILE] of a whole tile (keys past the tile's count score 0 and are ignored)
+inline void scores_blocked(const float* q, int64_t rows, const float* kt, int64_t dim, float* s) {
+  constexpr int64_t w = Vec::size();
+  static_assert(TILE % (4 * w) == 0, "a tile is whole groups of 4 vectors");
+  for (int64_t i0 = 0; i0 < TILE; i0 += 4 * w) scores_rows<4>(q, rows, dim, kt, i0, s);
+}
+
+// acc[r, d0 .. d0 + NV w) += sum_i p[r, i] v_i for RB rows, in registers over the keys.
+template <int RB, int NV>
+inline void values_micro(const float* p, const float* const* v, int64_t n, int64_t dim,
+                         int64_t d0, float* acc) {
+  constexpr int64_t w = Vec::size();
+  Vec a[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int x = 0; x < NV; ++x) a[r][x] = Vec::loadu(acc + r * dim + d0 + x * w);
+  for (int64_t i = 0; i < n; ++i) {
+    Vec vi[NV];
+    for (int x = 0; x < NV; ++x) vi[x] = Vec::loadu(v[i] + d0 + x * w);
+    for (int r = 0; r < RB; ++r) {
+      const Vec pr(p[r * TILE + i]);
+      for (int x = 0; x < NV; ++x) a[r][x] = at::vec::fmadd(pr, vi[x], a[r][x]);
     }
-    for (; d0 < dim; ++d0)
-      for (int64_t r = 0; r < rr; ++r)
-        for (int64_t i = 0; i < n; ++i)
-          acc[(r0 + r) * dim + d0] += p[(r0 + r) * TILE + i] * v[i * dim + d0];
   }
+  for (int r = 0; r < RB; ++r)
+    for (int x = 0; x < NV; ++x) a[r][x].store(acc + r * dim + d0 + x * w);
+}
+
+template <int RB>
+inline void values_rows(const float* p, const float* const* v, int64_t n, int64_t dim,
+                        float* acc) {
+  constexpr int64_t w = Vec::size();
+  int64_t d0 = 0;
+  for (; d0 + 4 * w <= dim; d0 += 4 * w) values_micro<RB, 4>(p, v, n, dim, d0, acc);
+  for (; d0 + w <= dim; d0 += w) values_micro<RB, 1>(p, v, n, dim, d0, acc);
+  for (; d0 < dim; ++d0)
+    for (int r = 0; r < RB; ++r)
+      for (int64_t i = 0; i < n; ++i) acc[r * dim + d0] += p[r * TILE + i] * v[i][d0];
+}
+
+// acc [rows, dim] += p [rows, TILE (first n used)] @ V (value rows v[0 .. n))
+inline void accumulate_blocked(const float* p, int64_t rows, const float* const* v, int64_t n,
+                               int64_t dim, float* acc) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) values_rows<6>(p + r * TILE, v, n, dim, acc + r * dim);
+  switch (rows - r) {
+    case 5: values_rows<5>(p + r * TILE, v, n, dim, acc + r * dim); break;
+    case 4: values_rows<4>(p + r * TILE, v, n, dim, acc + r * dim); break;
+    case 3: values_rows<3>(p + r * TILE, v, n, dim, acc + r * dim); break;
+    case 2: values_rows<2>(p + r * TILE, v, n, dim, acc + r * dim); break;
+    case 1: values_rows<1>(p + r * TILE, v, n, dim, acc + r * dim); break;
+    default: break;
+  }
+}
+
+// A key's K or V row as float: in place for a float32 cache, else converted into `buffer`.
+template <typename KVT>
+inline const float* key_row(const KVT* src, const float* scales, int64_t at, int64_t dim,
+                            float* buffer) {
+  if constexpr (std::is_same_v<KVT, float>) {
+    if (!scales) return src + at * dim;
+  }
+  load_row(src + at * dim, scales ? scales[at] : 1.0f, dim, buffer);
+  return buffer;
 }
 
 struct Item {
@@ -151,14 +212,21 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   QT* op = out.data_ptr<QT>();
   const float fscale = static_cast<float>(scale);
 
-  // (sequence, query block, KV head) units; a unit's keys are 0 .. ctx - qlen + t_last.
+  // Units of work: (sequence, block of new tokens, KV heads). A decode token's unit takes every
+  // KV head at once: a token's K (and V) rows of all heads are one contiguous run in a block,
+  // so reading them together streams whole blocks (one head at a time would pull each cache
+  // line in once per head). A prefill block's unit takes one KV head (its tiles are reused by
+  // many rows, so the loads amortise). A unit sees keys 0 .. ctx - qlen + t_last.
   std::vector<Item> units;
   for (int64_t s = 0; s < num_seqs; ++s)
     for (int64_t t0 = 0; t0 < qlens[s]; t0 += QUERY_BLOCK) {
       const int64_t nq = std::min(QUERY_BLOCK, qlens[s] - t0);
       // a tree mask may show any new token (it is not causal): then every key
       const int64_t keys = tree_offsets[s] >= 0 ? ctxs[s] : ctxs[s] - qlens[s] + t0 + nq;
-      for (int64_t h = 0; h < kv_heads; ++h) units.push_back({s, t0, nq, h, 0, keys, -1});
+      if (nq == 1)
+        units.push_back({s, t0, nq, -1, 0, keys, -1});
+      else
+        for (int64_t h = 0; h < kv_heads; ++h) units.push_back({s, t0, nq, h, 0, keys, -1});
     }
   // Splits: split_keys > 0 cuts every unit's keys into pieces of that many keys (rounded up
   // to a tile), 0 decides from the thread count (enough items to keep every thread busy), < 0
@@ -193,97 +261,124 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
     }
   }
   unit_parts[units.size()] = parts;
-  const int64_t rows_max = QUERY_BLOCK * groups;
+  // an item's rows: (KV head of the item, token of the block, query head of that KV head)
+  const int64_t rows_max = std::max(QUERY_BLOCK * groups, q_heads);
   // split results: m, l [parts, rows_max] and acc [parts, rows_max, dim]
   std::vector<float> part_m(parts * rows_max), part_l(parts * rows_max);
   std::vector<float> part_acc(parts * rows_max * dim);
+  auto heads_of = [&](const Item& it) {
+    return it.kvh >= 0 ? std::pair<int64_t, int64_t>(it.kvh, it.kvh + 1)
+                       : std::pair<int64_t, int64_t>(0, kv_heads);
+  };
+  // q / out row of item row (h - h_lo, j, g)
+  auto q_offset = [&](const Item& it, int64_t h, int64_t j, int64_t g) {
+    return ((qstarts[it.seq] + it.t0 + j) * q_heads + h * groups + g) * dim;
+  };
 
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qrows(rows_max * dim), acc(rows_max * dim), m(rows_max), l(rows_max);
     std::vector<float> keys(TILE * dim), kt(dim * TILE), values(TILE * dim), s(rows_max * TILE);
+    const float* krow[TILE];
+    const float* vrow[TILE];
     for (int64_t idx = begin; idx < end; ++idx) {
       const Item& it = items[idx];
+      const auto [h_lo, h_hi] = heads_of(it);
       const int64_t qlen = qlens[it.seq], ctx = ctxs[it.seq];
       const int64_t first_new = ctx - qlen;  // cache index of the sequence's first new token
       const int64_t* table = tables + it.seq * table_width;
       const bool* tmask = tree_offsets[it.seq] >= 0 ? tree + tree_offsets[it.seq] : nullptr;
-      const int64_t rows = it.nq * groups;
-      for (int64_t j = 0; j < it.nq; ++j)
-        for (int64_t g = 0; g < groups; ++g)
-          load_row(qp + ((qstarts[it.seq] + it.t0 + j) * q_heads + it.kvh * groups + g) * dim,
-                   fscale, dim, &qrows[(j * groups + g) * dim]);
+      const int64_t head_rows = it.nq * groups, rows = (h_hi - h_lo) * head_rows;
+      for (int64_t h = h_lo; h < h_hi; ++h)
+        for (int64_t j = 0; j < it.nq; ++j)
+          for (int64_t g = 0; g < groups; ++g)
+            load_row(qp + q_offset(it, h, j, g), fscale, dim,
+                     &qrows[((h - h_lo) * head_rows + j * groups + g) * dim]);
       std::fill(acc.begin(), acc.begin() + rows * dim, 0.0f);
       std::fill(m.begin(), m.begin() + rows, NEG_INF);
       std::fill(l.begin(), l.begin() + rows, 0.0f);
+      const int64_t span = (h_hi - h_lo) * dim * static_cast<int64_t>(sizeof(KVT));
       for (int64_t k0 = it.lo; k0 < it.hi; k0 += TILE) {
         const int64_t n = std::min(TILE, it.hi - k0);
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t key = k0 + i;
+        // ask for the next tile's rows now: blocks are scattered, so the hardware prefetcher
+        // cannot guess where the next one starts
+        for (int64_t key = k0 + TILE; key < std::min(k0 + 2 * TILE, it.hi); ++key) {
           const int64_t slot = table[key / block_size] * block_size + key % block_size;
-          const int64_t at = slot * kv_heads + it.kvh;
-          load_row(kp + at * dim, k_scale ? k_scale[at] : 1.0f, dim, &keys[i * dim]);
-          load_row(vp + at * dim, v_scale ? v_scale[at] : 1.0f, dim, &values[i * dim]);
+          const int64_t at = slot * kv_heads + h_lo;
+          for (int64_t b = 0; b < span; b += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(kp + at * dim) + b);
+            __builtin_prefetch(reinterpret_cast<const char*>(vp + at * dim) + b);
+          }
         }
-        if (it.nq == 1) {  // decode: a dot product per (head, key)
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t i = 0; i < n; ++i) s[r * TILE + i] = dot(&qrows[r * dim], &keys[i * dim], dim);
-        } else {
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t d = 0; d < dim; ++d) kt[d * TILE + i] = keys[i * dim + d];
-          for (int64_t i = n; i < TILE; ++i)
-            for (int64_t d = 0; d < dim; ++d) kt[d * TILE + i] = 0.0f;
-          scores_blocked(qrows.data(), rows, kt.data(), TILE, dim, s.data());
-        }
-        // masks, only where the tile reaches the new tokens
-        if (k0 + n > first_new + (tmask ? 0 : it.t0)) {
-          for (int64_t j = 0; j < it.nq; ++j) {
-            const int64_t t = it.t0 + j;  // index among the new tokens
-            for (int64_t i = 0; i < n; ++i) {
-              const int64_t key = k0 + i;
-              bool visible;
-              if (key < first_new) visible = true;
-              else if (tmask) visible = tmask[t * qlen + (key - first_new)];
-              else visible = key <= first_new + t;
-              if (!visible)
-                for (int64_t g = 0; g < groups; ++g) s[(j * groups + g) * TILE + i] = NEG_INF;
+        for (int64_t h = h_lo; h < h_hi; ++h) {
+          const int64_t base = (h - h_lo) * head_rows;  // the head's first row
+          float* sh = &s[base * TILE];
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t key = k0 + i;
+            const int64_t slot = table[key / block_size] * block_size + key % block_size;
+            const int64_t at = slot * kv_heads + h;
+            krow[i] = key_row(kp, k_scale, at, dim, &keys[i * dim]);
+            vrow[i] = key_row(vp, v_scale, at, dim, &values[i * dim]);
+          }
+          if (it.nq == 1) {  // decode: a dot product per (head, key)
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t r = 0; r < head_rows; ++r)
+                sh[r * TILE + i] = dot(&qrows[(base + r) * dim], krow[i], dim);
+          } else {
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t d = 0; d < dim; ++d) kt[d * TILE + i] = krow[i][d];
+            for (int64_t i = n; i < TILE; ++i)
+              for (int64_t d = 0; d < dim; ++d) kt[d * TILE + i] = 0.0f;
+            scores_blocked(&qrows[base * dim], head_rows, kt.data(), dim, sh);
+          }
+          // masks, only where the tile reaches the new tokens
+          if (k0 + n > first_new + (tmask ? 0 : it.t0)) {
+            for (int64_t j = 0; j < it.nq; ++j) {
+              const int64_t t = it.t0 + j;  // index among the new tokens
+              for (int64_t i = 0; i < n; ++i) {
+                const int64_t key = k0 + i;
+                bool visible;
+                if (key < first_new)
+                  visible = true;
+                else if (tmask)
+                  visible = tmask[t * qlen + (key - first_new)];
+                else
+                  visible = key <= first_new + t;
+                if (!visible)
+                  for (int64_t g = 0; g < groups; ++g) sh[(j * groups + g) * TILE + i] = NEG_INF;
+              }
             }
           }
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* sr = &s[r * TILE];
-          float tile_max = NEG_INF;
-          for (int64_t i = 0; i < n; ++i) tile_max = std::max(tile_max, sr[i]);
-          const float m_new = std::max(m[r], tile_max);
-          if (m_new == NEG_INF) {  // nothing visible yet
-            std::fill(sr, sr + TILE, 0.0f);
-            continue;
+          for (int64_t r = base; r < base + head_rows; ++r) {
+            float* sr = &s[r * TILE];
+            float tile_max = NEG_INF;
+            for (int64_t i = 0; i < n; ++i) tile_max = std::max(tile_max, sr[i]);
+            const float m_new = std::max(m[r], tile_max);
+            if (m_new == NEG_INF) {  // nothing visible yet
+              std::fill(sr, sr + TILE, 0.0f);
+              continue;
+            }
+            const float c = std::exp(m[r] - m_new);
+            const int64_t w = Vec::size();
+            const Vec vm(m_new);
+            Vec vsum(0.0f);
+            int64_t i = 0;
+            for (; i + w <= n; i += w) {
+              const Vec e = (Vec::loadu(sr + i) - vm).exp_u20();
+              e.store(sr + i);
+              vsum = vsum + e;
+            }
+            float tile_sum =
+                at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
+            for (; i < n; ++i) {
+              sr[i] = std::exp(sr[i] - m_new);
+              tile_sum += sr[i];
+            }
+            for (i = n; i < TILE; ++i) sr[i] = 0.0f;
+            l[r] = l[r] * c + tile_sum;
+            if (c != 1.0f) scale_row(c, &acc[r * dim], dim);
+            m[r] = m_new;
           }
-          const float c = std::exp(m[r] - m_new);
-          const int64_t w = Vec::size();
-          const Vec vm(m_new);
-          Vec vsum(0.0f);
-          int64_t i = 0;
-          for (; i + w <= n; i += w) {
-            const Vec e = (Vec::loadu(sr + i) - vm).exp_u20();
-            e.store(sr + i);
-            vsum = vsum + e;
-          }
-          float tile_sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
-          for (; i < n; ++i) {
-            sr[i] = std::exp(sr[i] - m_new);
-            tile_sum += sr[i];
-          }
-          for (i = n; i < TILE; ++i) sr[i] = 0.0f;
-          l[r] = l[r] * c + tile_sum;
-          if (c != 1.0f) scale_row(c, &acc[r * dim], dim);
-          m[r] = m_new;
-        }
-        if (it.nq == 1) {
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t i = 0; i < n; ++i)
-              if (s[r * TILE + i] != 0.0f) axpy(s[r * TILE + i], &values[i * dim], &acc[r * dim], dim);
-        } else {
-          accumulate_blocked(s.data(), rows, values.data(), n, dim, acc.data());
+          accumulate_blocked(sh, head_rows, vrow, n, dim, &acc[base * dim]);
         }
       }
       if (it.part >= 0) {
@@ -292,13 +387,14 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         std::copy(acc.begin(), acc.begin() + rows * dim, &part_acc[it.part * rows_max * dim]);
         continue;
       }
-      for (int64_t j = 0; j < it.nq; ++j)
-        for (int64_t g = 0; g < groups; ++g) {
-          const int64_t r = j * groups + g;
-          QT* dst = op + ((qstarts[it.seq] + it.t0 + j) * q_heads + it.kvh * groups + g) * dim;
-          const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-          for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<QT>(acc[r * dim + d] * inv);
-        }
+      for (int64_t h = h_lo; h < h_hi; ++h)
+        for (int64_t j = 0; j < it.nq; ++j)
+          for (int64_t g = 0; g < groups; ++g) {
+            const int64_t r = (h - h_lo) * head_rows + j * groups + g;
+            QT* dst = op + q_offset(it, h, j, g);
+            const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+            for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<QT>(acc[r * dim + d] * inv);
+          }
     }
   });
 
@@ -310,25 +406,28 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       const int64_t p0 = unit_parts[u], p1 = unit_parts[u + 1];
       if (p1 == p0) continue;
       const Item& it = units[u];
-      for (int64_t j = 0; j < it.nq; ++j)
-        for (int64_t g = 0; g < groups; ++g) {
-          const int64_t r = j * groups + g;
-          float top = NEG_INF;
-          for (int64_t p = p0; p < p1; ++p) top = std::max(top, part_m[p * rows_max + r]);
-          std::fill(total.begin(), total.end(), 0.0f);
-          float denom = 0.0f;
-          if (top != NEG_INF)
-            for (int64_t p = p0; p < p1; ++p) {
-              const float mp = part_m[p * rows_max + r];
-              if (mp == NEG_INF) continue;
-              const float wgt = std::exp(mp - top);
-              denom += part_l[p * rows_max + r] * wgt;
-              axpy(wgt, &part_acc[(p * rows_max + r) * dim], total.data(), dim);
-            }
-          QT* dst = op + ((qstarts[it.seq] + it.t0 + j) * q_heads + it.kvh * groups + g) * dim;
-          const float inv = denom > 0.0f ? 1.0f / denom : 0.0f;
-          for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<QT>(total[d] * inv);
-        }
+      const auto [h_lo, h_hi] = heads_of(it);
+      const int64_t head_rows = it.nq * groups;
+      for (int64_t h = h_lo; h < h_hi; ++h)
+        for (int64_t j = 0; j < it.nq; ++j)
+          for (int64_t g = 0; g < groups; ++g) {
+            const int64_t r = (h - h_lo) * head_rows + j * groups + g;
+            float top = NEG_INF;
+            for (int64_t p = p0; p < p1; ++p) top = std::max(top, part_m[p * rows_max + r]);
+            std::fill(total.begin(), total.end(), 0.0f);
+            float denom = 0.0f;
+            if (top != NEG_INF)
+              for (int64_t p = p0; p < p1; ++p) {
+                const float mp = part_m[p * rows_max + r];
+                if (mp == NEG_INF) continue;
+                const float wgt = std::exp(mp - top);
+                denom += part_l[p * rows_max + r] * wgt;
+                axpy(wgt, &part_acc[(p * rows_max + r) * dim], total.data(), dim);
+              }
+            QT* dst = op + q_offset(it, h, j, g);
+            const float inv = denom > 0.0f ? 1.0f / denom : 0.0f;
+            for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<QT>(total[d] * inv);
+          }
     }
   });
 }
