@@ -43,7 +43,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t TILE = 64;          // keys per tile
-constexpr int64_t QUERY_BLOCK = 32;   // new tokens of one sequence per work item
+constexpr int64_t QUERY_BLOCK = 64;   // new tokens of one sequence per work item
 constexpr int64_t MIN_SPLIT = 256;    // fewest keys worth a split of their own
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -351,7 +351,15 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           for (int64_t r = base; r < base + head_rows; ++r) {
             float* sr = &s[r * TILE];
             float tile_max = NEG_INF;
-            for (int64_t i = 0; i < n; ++i) tile_max = std::max(tile_max, sr[i]);
+            int64_t i = 0;
+            {
+              const int64_t w = Vec::size();
+              Vec vmax(NEG_INF);
+              for (; i + w <= n; i += w) vmax = at::vec::maximum(vmax, Vec::loadu(sr + i));
+              tile_max = at::vec::vec_reduce_all<float>(
+                  [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax);
+              for (; i < n; ++i) tile_max = std::max(tile_max, sr[i]);
+            }
             const float m_new = std::max(m[r], tile_max);
             if (m_new == NEG_INF) {  // nothing visible yet
               std::fill(sr, sr + TILE, 0.0f);
@@ -361,7 +369,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             const int64_t w = Vec::size();
             const Vec vm(m_new);
             Vec vsum(0.0f);
-            int64_t i = 0;
+            i = 0;
             for (; i + w <= n; i += w) {
               const Vec e = (Vec::loadu(sr + i) - vm).exp_u20();
               e.store(sr + i);
