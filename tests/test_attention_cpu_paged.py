@@ -1,7 +1,7 @@
 """The "cpu-paged" backend (C++ kernel reading the paged cache in place) held to float64
 attention: ragged batches, block boundaries, GQA ratios 1 / 3 / 8, head dims 64 / 128,
-contexts 1 .. 4,097, tree masks, int8 KV, split-K on and off; and SmolLM2's greedy tokens on it
-equal the torch path's."""
+contexts 1 .. 4,097, tree masks, StreamingLLM sinks + window, int8 KV, split-K on and off;
+and SmolLM2's greedy tokens on it equal the torch path's."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from lamina.attention.online_softmax import OnlineSoftmaxBackend
 from lamina.attention.registry import select_attention_backend
 from lamina.kv.h2o import H2OAttention
 from lamina.kv.streaming import StreamingWindow
+from lamina.layers.rotary import RotaryEmbedding
 from tests.attention_cases import build_case, run, truth
 
 PAGED = CpuPagedAttentionBackend()
@@ -96,6 +97,19 @@ def test_int8_cache_and_bfloat16():
     assert_truth(run(PAGED, case), case, atol=1e-2)
 
 
+@pytest.mark.parametrize("split_keys", [0, -1, 8])
+def test_streaming_window_with_sinks_and_evicted_blocks(split_keys):
+    case = paged_case(4, 2, 64, 4, [(24, 1), (30, 6), (300, 1), (200, 70)])
+    rotary = RotaryEmbedding(case[0])
+    case[2].retention = StreamingWindow(sinks=3, window=10, sink_limit=4, offsets=[12, 40, 7, 100])
+    backend = CpuPagedAttentionBackend(split_keys=split_keys)
+    got = run(backend, case, rotary=rotary)  # writes the new tokens' K/V
+    want = truth(case[3], case[1], case[2], 0.125, rotary)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    ref = run(OnlineSoftmaxBackend(blocks_per_split=2), case, rotary=rotary)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+
+
 def test_thread_counts_agree():
     case = paged_case(9, 3, 64, 16, [(3000, 1), (700, 50)])
     want = run(PAGED, case)
@@ -111,10 +125,10 @@ def test_thread_counts_agree():
 def test_registry_names_it_refuses_retention_and_says_why_it_is_missing(monkeypatch):
     assert select_attention_backend("cpu-paged").name == "cpu-paged"
     assert select_attention_backend("auto").name in ("torch", "cpu-paged")
-    for kind in (StreamingWindow, H2OAttention):
-        with pytest.raises(ValueError, match="'cpu-paged' does not implement"):
-            select_attention_backend("cpu-paged", retention=kind)
-    assert select_attention_backend("auto", retention=StreamingWindow).name == "torch"
+    with pytest.raises(ValueError, match="'cpu-paged' does not implement H2OAttention"):
+        select_attention_backend("cpu-paged", retention=H2OAttention)
+    assert select_attention_backend("cpu-paged", retention=StreamingWindow).name == "cpu-paged"
+    assert select_attention_backend("auto", retention=H2OAttention).name == "torch"
     monkeypatch.setenv("LAMINA_DISABLE_KERNELS", "1")
     extension.load_kernel.cache_clear()
     try:
@@ -135,14 +149,15 @@ def test_engine_on_cpu_paged_gives_the_torch_tokens(tiny_model_factory):
         {"prompt_token_ids": [(7 * i + j) % 250 + 3 for i in range(9 + 13 * j)]} for j in range(4)
     ]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    base = {"dtype": "float32", "block_size": 8, "max_num_batched_tokens": 16}
-    want = LLM(str(folder), attention_backend="torch", **base).generate(
-        prompts, params, use_tqdm=False
-    )
-    got = LLM(str(folder), attention_backend="cpu-paged", **base).generate(
-        prompts, params, use_tqdm=False
-    )
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    for extra in ({}, {"attention_sinks": 4, "sliding_window": 16}):
+        base = {"dtype": "float32", "block_size": 8, "max_num_batched_tokens": 16, **extra}
+        want = LLM(str(folder), attention_backend="torch", **base).generate(
+            prompts, params, use_tqdm=False
+        )
+        got = LLM(str(folder), attention_backend="cpu-paged", **base).generate(
+            prompts, params, use_tqdm=False
+        )
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,13 @@ blocks of new tokens, and for a few long decodes over key splits too (flash-deco
 splits' partial softmaxes are merged by their log-sum-exp weights), vectorised with ATen's
 at::vec. bf16 / fp32 / int8 caches, GQA, causal and tree masks.
 
-StreamingLLM (sinks + window, keys rotated on read at their cache rank) and H2O are not
-implemented in C++: `supported_retention` is empty, so a policy that needs them is refused at
-start (use the torch backend). Split boundaries depend on the batch, so results are equal to
-the reference within float32 rounding, not bit-stable across batches (that is the "exact"
-backend). Needs the kernel built (a C++ compiler; see attention/extension.py); without it the
-backend reports itself unavailable with the reason and "auto" keeps the torch backend.
+StreamingLLM runs in the kernel too: keys cached un-rotated are rotated as each tile is loaded,
+at their cache index (cos / sin tables built once per step), and masked to sinks + window by
+logical position. H2O (token-level kept slots) is not implemented: refused at start. Split
+boundaries depend on the batch, so results are equal to the reference within float32
+rounding, not bit-stable across batches (that is the "exact" backend). Needs the kernel built
+(a C++ compiler; see attention/extension.py); without it the backend reports itself
+unavailable with the reason and "auto" keeps the torch backend.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lamina.attention.base import AttentionBackend
 from lamina.attention.extension import kernel_failure, load_kernel
 from lamina.attention.metadata import AttentionMetadata
 from lamina.kv.cache import LayerCache
+from lamina.kv.streaming import StreamingWindow
 from lamina.layers.rotary import RotaryEmbedding
 
 KERNEL = "paged_attention"
@@ -39,6 +41,32 @@ class PagedMetadata(AttentionMetadata):
     starts_t: torch.Tensor | None = None  # [S] first row of each sequence's new tokens
     qlens_t: torch.Tensor | None = None  # [S]
     ctxs_t: torch.Tensor | None = None  # [S]
+    # StreamingLLM's kernel arguments, built by the first layer that needs them (a step's
+    # metadata is shared by every layer): window [3 + S], cos, sin [tables, L, rd], table_of [S]
+    window_args: tuple[torch.Tensor, ...] | None = None
+
+
+def _window_arguments(
+    meta: PagedMetadata, win: StreamingWindow, rotary: RotaryEmbedding
+) -> tuple[torch.Tensor, ...]:
+    """The window's sizes and offsets, and the cos / sin rows of cache indices 0 .. L-1 at
+    which the kernel rotates the un-rotated keys (one table per sequence under dynamic NTK)."""
+    length = max(meta.context_lens)
+    ranks = torch.arange(length)
+    window = torch.tensor([win.sinks, win.window, win.sink_limit, *win.offsets], dtype=torch.int64)
+    if meta.rope_seq_lens is None:
+        cos, sin = rotary.cos_sin(ranks, torch.float32)
+        cos, sin = cos.reshape(1, length, -1), sin.reshape(1, length, -1)
+        table_of = torch.zeros(meta.num_seqs, dtype=torch.int64)
+    else:
+        pairs = [
+            rotary.cos_sin(ranks, torch.float32, torch.full_like(ranks, n))
+            for n in meta.rope_seq_lens
+        ]
+        cos = torch.stack([c.reshape(length, -1) for c, _ in pairs])
+        sin = torch.stack([s.reshape(length, -1) for _, s in pairs])
+        table_of = torch.arange(meta.num_seqs, dtype=torch.int64)
+    return window, cos.float().contiguous(), sin.float().contiguous(), table_of
 
 
 def _tree_arguments(
@@ -63,7 +91,7 @@ class CpuPagedAttentionBackend(AttentionBackend):
     0 to let the kernel decide from the thread count, < 0 never to split."""
 
     name = "cpu-paged"
-    supported_retention = ()
+    supported_retention = (StreamingWindow,)
     # Priority stays below torch's until benchmarks/results/attention.md shows the kernel
     # faster at every measured shape (see that file): it is chosen by name meanwhile.
     priority = -1
@@ -113,8 +141,14 @@ class CpuPagedAttentionBackend(AttentionBackend):
         rotary: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
         assert isinstance(meta, PagedMetadata), "metadata from CpuPagedAttentionBackend"
+        window: tuple[torch.Tensor | None, ...] = (None, None, None, None)
         if meta.retention is not None:
-            raise ValueError("the cpu-paged attention backend runs no retention policy")
+            if not isinstance(meta.retention, StreamingWindow):
+                raise ValueError(f"cpu-paged does not run {type(meta.retention).__name__}")
+            assert rotary is not None, "StreamingLLM rotates keys on read"
+            if meta.window_args is None:
+                meta.window_args = _window_arguments(meta, meta.retention, rotary)
+            window = meta.window_args
         cache.write(k, v, meta.slot_mapping)
         kernel = load_kernel(KERNEL)
         assert kernel is not None, "checked by available() when the engine started"
@@ -133,5 +167,6 @@ class CpuPagedAttentionBackend(AttentionBackend):
             offsets,
             scale,
             self.split_keys,
+            *window,
         )
         return out

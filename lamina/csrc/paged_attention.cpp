@@ -13,8 +13,9 @@
 // Split boundaries depend on the batch, so unlike exact_attention.cpp this kernel's bits may
 // depend on what shares the call; it is built for speed and held to a tolerance.
 //
-// Masks: causal, or a per-sequence tree mask among the new tokens (every cached token
-// visible). Vectorised with ATen's at::vec::Vectorized<float> (AVX2 / AVX-512 / NEON).
+// Masks: causal, a per-sequence tree mask among the new tokens (every cached token visible),
+// or StreamingLLM's sinks + window by logical position, with keys cached un-rotated rotated
+// at their cache index as each tile is loaded (struct Window). Vectorised with ATen's at::vec::Vectorized<float> (AVX2 / AVX-512 / NEON).
 // at::vec picks its implementation from CPU_CAPABILITY_* macros, which ATen defines only for
 // its own per-ISA builds: derive them from what -march=native enables (NEON is chosen from
 // __aarch64__ alone), else Vectorized<float> is the generic scalar fallback.
@@ -188,6 +189,28 @@ inline const float* key_row(const KVT* src, const float* scales, int64_t at, int
   return buffer;
 }
 
+// StreamingLLM (sinks + window), keys cached un-rotated and rotated here at their cache index:
+// cache index c is at position c (c < sink_limit) or c + offsets[s]; a query at cache index t
+// (position t + offsets[s]) sees positions p <= its own with p < sinks or p > its - window.
+struct Window {
+  int64_t sinks, window, sink_limit;
+  const int64_t* offsets;     // [S]
+  const float* cos;           // [tables, length, rotary_dim]
+  const float* sin;
+  const int64_t* table_of;    // [S] which cos / sin table a sequence uses
+  int64_t length, rotary_dim;
+};
+
+// x * cos + rotate_half(x) * sin on the first rotary_dim channels (layers/rotary.py)
+inline void rotate(float* x, const float* cos, const float* sin, int64_t rotary_dim) {
+  const int64_t half = rotary_dim / 2;
+  for (int64_t d = 0; d < half; ++d) {
+    const float a = x[d], b = x[d + half];
+    x[d] = a * cos[d] - b * sin[d];
+    x[d + half] = b * cos[d + half] + a * sin[d + half];
+  }
+}
+
 struct Item {
   int64_t seq, t0, nq, kvh, lo, hi, part;  // part: index into the split scratch, or -1
 };
@@ -197,7 +220,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             const float* k_scale, const float* v_scale, const at::Tensor& block_tables,
             const at::Tensor& query_starts, const at::Tensor& query_lens,
             const at::Tensor& context_lens, const bool* tree, const int64_t* tree_offsets,
-            double scale, int64_t split_keys, at::Tensor& out) {
+            const Window* win, double scale, int64_t split_keys, at::Tensor& out) {
   const int64_t q_heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   const int64_t groups = q_heads / kv_heads, table_width = block_tables.size(1);
@@ -316,7 +339,14 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             const int64_t key = k0 + i;
             const int64_t slot = table[key / block_size] * block_size + key % block_size;
             const int64_t at = slot * kv_heads + h;
-            krow[i] = key_row(kp, k_scale, at, dim, &keys[i * dim]);
+            if (win) {  // un-rotated in the cache: rotate at the key's cache index
+              load_row(kp + at * dim, k_scale ? k_scale[at] : 1.0f, dim, &keys[i * dim]);
+              const int64_t row = (win->table_of[it.seq] * win->length + key) * win->rotary_dim;
+              rotate(&keys[i * dim], win->cos + row, win->sin + row, win->rotary_dim);
+              krow[i] = &keys[i * dim];
+            } else {
+              krow[i] = key_row(kp, k_scale, at, dim, &keys[i * dim]);
+            }
             vrow[i] = key_row(vp, v_scale, at, dim, &values[i * dim]);
           }
           if (it.nq == 1) {  // decode: a dot product per (head, key)
@@ -331,7 +361,20 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             scores_blocked(&qrows[base * dim], head_rows, kt.data(), dim, sh);
           }
           // masks, only where the tile reaches the new tokens
-          if (k0 + n > first_new + (tmask ? 0 : it.t0)) {
+          if (win) {
+            const int64_t off = win->offsets[it.seq];
+            for (int64_t j = 0; j < it.nq; ++j) {
+              const int64_t q_pos = first_new + it.t0 + j + off;
+              for (int64_t i = 0; i < n; ++i) {
+                const int64_t key = k0 + i;
+                const int64_t k_pos = key < win->sink_limit ? key : key + off;
+                const bool visible =
+                    k_pos <= q_pos && (k_pos < win->sinks || k_pos > q_pos - win->window);
+                if (!visible)
+                  for (int64_t g = 0; g < groups; ++g) sh[(j * groups + g) * TILE + i] = NEG_INF;
+              }
+            }
+          } else if (k0 + n > first_new + (tmask ? 0 : it.t0)) {
             for (int64_t j = 0; j < it.nq; ++j) {
               const int64_t t = it.t0 + j;  // index among the new tokens
               for (int64_t i = 0; i < n; ++i) {
@@ -445,17 +488,18 @@ void dispatch_kv(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
                  const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale,
                  const at::Tensor& block_tables, const at::Tensor& query_starts,
                  const at::Tensor& query_lens, const at::Tensor& context_lens, const bool* tree,
-                 const int64_t* tree_offsets, double scale, int64_t split_keys, at::Tensor& out) {
+                 const int64_t* tree_offsets, const Window* win, double scale, int64_t split_keys,
+                 at::Tensor& out) {
   if (k_cache.scalar_type() == at::kChar) {
     TORCH_CHECK(k_scale.has_value() && v_scale.has_value(), "an int8 cache needs its scales");
     attend<QT, int8_t>(q, k_cache, v_cache, k_scale->data_ptr<float>(), v_scale->data_ptr<float>(),
                        block_tables, query_starts, query_lens, context_lens, tree, tree_offsets,
-                       scale, split_keys, out);
+                       win, scale, split_keys, out);
   } else {
     TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(),
                 "the cache dtype must be the query dtype or int8");
     attend<QT, QT>(q, k_cache, v_cache, nullptr, nullptr, block_tables, query_starts, query_lens,
-                   context_lens, tree, tree_offsets, scale, split_keys, out);
+                   context_lens, tree, tree_offsets, win, scale, split_keys, out);
   }
 }
 
@@ -474,7 +518,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& query_lens, const at::Tensor& context_lens,
                            const c10::optional<at::Tensor>& tree_masks,
                            const c10::optional<at::Tensor>& tree_offsets, double scale,
-                           int64_t split_keys) {
+                           int64_t split_keys, const c10::optional<at::Tensor>& window,
+                           const c10::optional<at::Tensor>& rot_cos,
+                           const c10::optional<at::Tensor>& rot_sin,
+                           const c10::optional<at::Tensor>& rot_table_of) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "bad ranks");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "inputs must be contiguous");
@@ -497,19 +544,43 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   } else {
     offsets = causal.data();
   }
+  // window: int64 [3 + S] = sinks, window, sink_limit, then each sequence's offset; with
+  // rot_cos / rot_sin float32 [tables, length, rotary_dim] and rot_table_of int64 [S]
+  Window win_storage{};
+  const Window* winp = nullptr;
+  if (window.has_value()) {
+    TORCH_CHECK(rot_cos.has_value() && rot_sin.has_value() && rot_table_of.has_value(),
+                "a window needs its rotary tables");
+    TORCH_CHECK(window->scalar_type() == at::kLong && window->is_contiguous() &&
+                    window->numel() == 3 + query_lens.size(0),
+                "window: int64 [3 + S]");
+    TORCH_CHECK(rot_cos->scalar_type() == at::kFloat && rot_sin->scalar_type() == at::kFloat &&
+                    rot_cos->is_contiguous() && rot_sin->is_contiguous() && rot_cos->dim() == 3 &&
+                    rot_cos->sizes() == rot_sin->sizes() &&
+                    rot_table_of->scalar_type() == at::kLong && rot_table_of->is_contiguous(),
+                "rotary tables: contiguous float32 [tables, length, rotary_dim], int64 [S]");
+    const int64_t* w = window->data_ptr<int64_t>();
+    win_storage = Window{w[0], w[1], w[2], w + 3,
+                         rot_cos->data_ptr<float>(), rot_sin->data_ptr<float>(),
+                         rot_table_of->data_ptr<int64_t>(), rot_cos->size(1), rot_cos->size(2)};
+    const int64_t* ctx = context_lens.data_ptr<int64_t>();
+    for (int64_t i = 0; i < query_lens.size(0); ++i)
+      TORCH_CHECK(ctx[i] <= win_storage.length, "rotary table shorter than a context");
+    winp = &win_storage;
+  }
   at::Tensor out = at::empty_like(q);
   switch (q.scalar_type()) {
     case at::kFloat:
       dispatch_kv<float>(q, k_cache, v_cache, k_scale, v_scale, block_tables, query_starts,
-                         query_lens, context_lens, tree, offsets, scale, split_keys, out);
+                         query_lens, context_lens, tree, offsets, winp, scale, split_keys, out);
       break;
     case at::kBFloat16:
       dispatch_kv<at::BFloat16>(q, k_cache, v_cache, k_scale, v_scale, block_tables, query_starts,
-                                query_lens, context_lens, tree, offsets, scale, split_keys, out);
+                                query_lens, context_lens, tree, offsets, winp, scale, split_keys, out);
       break;
     case at::kHalf:
       dispatch_kv<at::Half>(q, k_cache, v_cache, k_scale, v_scale, block_tables, query_starts,
-                            query_lens, context_lens, tree, offsets, scale, split_keys, out);
+                            query_lens, context_lens, tree, offsets, winp, scale, split_keys, out);
       break;
     default:
       TORCH_CHECK(false, "paged_attention: unsupported dtype ", q.scalar_type());
