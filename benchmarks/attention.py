@@ -372,6 +372,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="contexts up to 2k, no memory runs")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument(
+        "--keep-memory",
+        action="store_true",
+        help="keep the memory rows (and their environment) of the results JSON being replaced",
+    )
+    ap.add_argument(
         "--memory-only",
         action="store_true",
         help="re-run only the memory cases into the results JSON of an earlier run",
@@ -444,7 +449,12 @@ def main() -> int:
                 row[name] = time_step(make_step(name, [chunk], [ctx], dtype), args.repeats)
             print("prefill", row, flush=True)
             res["prefill"].append(row)
-    if not (args.quick or args.no_memory):
+    if args.keep_memory and out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+        res["memory"] = old.get("memory", [])
+        res["memory_environment"] = old.get("memory_environment", old.get("environment"))
+        res["memory_contention"] = old.get("memory_contention", old.get("contention"))
+    elif not (args.quick or args.no_memory):
         res["memory"] = run_memories(args.dtype)
     return finish(res, out)
 
