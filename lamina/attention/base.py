@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from lamina.attention.extension import kernel_failure, load_kernel
 from lamina.attention.metadata import AttentionMetadata
 from lamina.kv.cache import LayerCache
 from lamina.kv.retention import RetentionAttention
@@ -75,3 +76,22 @@ class AttentionBackend(ABC):
         """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens -> attention output [T, Hq, D].
         Writes k/v to `meta.slot_mapping` first. `rotary` rotates keys cached un-rotated
         (`meta.keys_rotated_on_read`)."""
+
+
+class KernelAttentionBackend(AttentionBackend):
+    """A backend over one of lamina's C++ CPU kernels (`kernel`, a lamina/csrc file stem):
+    available once it is built, else refused with the build's reason (attention/extension.py)."""
+
+    kernel: ClassVar[str]
+
+    @classmethod
+    def available(cls, device: torch.device) -> bool:
+        return cls.unavailable_reason(device) is None
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> str | None:
+        if device.type != "cpu":
+            return "its kernel is for the CPU"
+        if load_kernel(cls.kernel) is None:
+            return kernel_failure(cls.kernel) or "its C++ kernel is not built"
+        return None

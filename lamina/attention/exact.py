@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lamina.attention.base import AttentionBackend
-from lamina.attention.extension import kernel_failure, load_kernel
+from lamina.attention.base import KernelAttentionBackend
+from lamina.attention.extension import load_kernel
 from lamina.attention.metadata import AttentionMetadata
 from lamina.kv.cache import LayerCache
 from lamina.layers.rotary import RotaryEmbedding
@@ -39,24 +39,13 @@ class ExactMetadata(AttentionMetadata):
     token_keys: torch.Tensor | None = None  # [T] int64
 
 
-class ExactAttentionBackend(AttentionBackend):
+class ExactAttentionBackend(KernelAttentionBackend):
     """Row-by-row attention whose result does not depend on the batch (module docstring)."""
 
     name = "exact"
+    kernel = KERNEL
     supported_retention = ()
     priority = -1  # chosen by name, or by batch_invariant=True
-
-    @classmethod
-    def available(cls, device: torch.device) -> bool:
-        return cls.unavailable_reason(device) is None
-
-    @classmethod
-    def unavailable_reason(cls, device: torch.device) -> str | None:
-        if device.type != "cpu":
-            return "its kernel is for the CPU"
-        if load_kernel(KERNEL) is None:
-            return kernel_failure(KERNEL) or "its C++ kernel is not built"
-        return None
 
     def build_metadata(
         self,
