@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lamina.attention.base import AttentionBackend
-from lamina.attention.extension import kernel_failure, load_kernel
+from lamina.attention.base import KernelAttentionBackend
+from lamina.attention.extension import load_kernel
 from lamina.attention.metadata import AttentionMetadata
 from lamina.kv.cache import LayerCache
 from lamina.kv.streaming import StreamingWindow
@@ -86,7 +86,7 @@ def _tree_arguments(
     return torch.cat(flat).contiguous(), torch.tensor(offsets, dtype=torch.int64)
 
 
-class CpuPagedAttentionBackend(AttentionBackend):
+class CpuPagedAttentionBackend(KernelAttentionBackend):
     """The C++ paged kernel (module docstring). `split_keys`: keys per split-K piece (> 0),
     0 to let the kernel decide from the thread count, < 0 never to split."""
 
@@ -95,21 +95,10 @@ class CpuPagedAttentionBackend(AttentionBackend):
     # Priority stays below torch's until benchmarks/results/attention.md shows the kernel
     # faster at every measured shape (see that file): it is chosen by name meanwhile.
     priority = -1
+    kernel = KERNEL
 
     def __init__(self, split_keys: int = 0) -> None:
         self.split_keys = split_keys
-
-    @classmethod
-    def available(cls, device: torch.device) -> bool:
-        return cls.unavailable_reason(device) is None
-
-    @classmethod
-    def unavailable_reason(cls, device: torch.device) -> str | None:
-        if device.type != "cpu":
-            return "its kernel is for the CPU"
-        if load_kernel(KERNEL) is None:
-            return kernel_failure(KERNEL) or "its C++ kernel is not built"
-        return None
 
     def build_metadata(
         self,
