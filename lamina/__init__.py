@@ -1,8 +1,10 @@
 """lamina: an LLM inference engine for LLaMA-family models.
 
-Public API (vLLM-compatible names): LLM, SamplingParams, RequestOutput, CompletionOutput.
+Public API (vLLM-compatible names): LLM, SamplingParams, RequestOutput, CompletionOutput,
+and GuidedDecoding (structured output, vLLM's StructuredOutputsParams).
 """
 
+from lamina.guided.spec import GuidedDecoding
 from lamina.llm import LLM
 from lamina.outputs import CompletionOutput, RequestOutput
 from lamina.sampling_params import BeamSearchParams, SamplingParams
@@ -11,6 +13,7 @@ __all__ = [
     "LLM",
     "BeamSearchParams",
     "CompletionOutput",
+    "GuidedDecoding",
     "RequestOutput",
     "SamplingParams",
 ]

@@ -149,6 +149,12 @@ class EngineConfig:
         "any chunking, in every dtype (the exact attention kernel, GEMMs over >= 2 rows); "
         "costs throughput (README)",
     )
+    guided_decoding_backend: str = _opt(
+        "llguidance",
+        "grammar engine of guided decoding (JSON schema, regex, choice, grammar; built on the "
+        "first constrained request)",
+        choices=("llguidance",),
+    )
     seed: int | None = _opt(
         None,
         "seed of requests that bring none: the i-th request added to the engine samples with a "

@@ -74,6 +74,7 @@ class LLM:
             attention_backend=config.attention_backend,
             seed=config.seed,
             batch_invariant=config.batch_invariant,
+            guided_decoding_backend=config.guided_decoding_backend,
         )
         self.tokenizer: Tokenizer | None = loaded.tokenizer  # None: skip_tokenizer_init
         self._ids = itertools.count()

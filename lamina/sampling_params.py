@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
+
+from lamina.guided.spec import GuidedDecoding
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs
 
@@ -54,6 +57,9 @@ class SamplingParams:
     logprobs: also return the top-N logprobs of each generated token (plus the chosen one's).
     prompt_logprobs: return the top-N logprobs at each prompt position (plus the prompt token's).
     Logprobs are those of the model's distribution, before penalties and temperature.
+    guided: constrain the output to a JSON schema, any JSON object, a regex, a choice of
+        strings or a grammar (`GuidedDecoding`, or a dict of its fields such as
+        `{"json": schema}`); generation stops when the constraint is complete.
     """
 
     n: int = 1
@@ -79,6 +85,7 @@ class SamplingParams:
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
+    guided: GuidedDecoding | dict[str, Any] | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +108,8 @@ class SamplingParams:
             self.bad_words = list(self.bad_words)
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.guided is not None:
+            self.guided = GuidedDecoding.from_value(self.guided)
         self.validate()
 
     def validate(self) -> None:
@@ -168,6 +177,11 @@ class SamplingParams:
             not is_int(self.truncate_prompt_tokens) or self.truncate_prompt_tokens < 1
         ):
             raise bad("truncate_prompt_tokens", "it must be an integer >= 1 or None")
+
+    @property
+    def guided_decoding(self) -> GuidedDecoding | None:
+        """`guided`, typed (it is always converted when the params are made)."""
+        return self.guided if isinstance(self.guided, GuidedDecoding) else None
 
     @property
     def stop_strings(self) -> list[str]:

@@ -27,6 +27,7 @@ LLM_KWARGS = {
     "rope_scaling",
     "kv_cache_dtype",
     "attention_sinks",
+    "guided_decoding_backend",
     "sliding_window",
     "h2o_heavy",
     "h2o_recent",

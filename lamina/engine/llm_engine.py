@@ -16,6 +16,7 @@ import torch
 from lamina.attention.registry import select_attention_backend
 from lamina.config import CacheConfig, SchedulerConfig
 from lamina.engine.beam_search import BeamGroup
+from lamina.engine.logits_processors import default_processors
 from lamina.engine.model_runner import ModelRunner
 from lamina.engine.output_processor import OutputProcessor
 from lamina.engine.request import Request
@@ -23,6 +24,8 @@ from lamina.engine.sampler import Sampler
 from lamina.engine.scheduler import Scheduler
 from lamina.engine.sequence import Sequence, derive_seed
 from lamina.engine.stats import EngineStats
+from lamina.guided.backend import TokenizerInfo
+from lamina.guided.compiler import GrammarCompiler
 from lamina.kv.block_manager import BlockManager
 from lamina.kv.cache import KVCache, num_blocks_for
 from lamina.kv.registry import retention_policy_for
@@ -45,12 +48,14 @@ class LLMEngine:
         retention_policy: RetentionPolicy | None = None,
         seed: int | None = None,
         batch_invariant: bool = False,
+        guided_decoding_backend: str = "llguidance",
     ) -> None:
         """`retention_policy` overrides the one the cache config asks for (a policy of your
         own); `attention_backend` is a registered backend name or "auto". `seed`: requests
         without their own seed get one derived from (seed, their arrival number among the
         requests added with `add_request`), so a rerun samples the same (EngineConfig.seed).
-        `batch_invariant`: outputs independent of the batch (EngineConfig.batch_invariant)."""
+        `batch_invariant`: outputs independent of the batch (EngineConfig.batch_invariant).
+        `guided_decoding_backend`: the registered grammar backend (lamina/guided/backend.py)."""
         self.loaded = loaded
         if pack_weights:  # the engine owns the model from here: pack its GEMMs for this CPU
             loaded.model.pack_weights()
@@ -96,10 +101,15 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.cache, self.policy, backend)
         self.eos_token_ids = self._eos_ids()
         self.requests: dict[str, Request] = {}
+        self.grammars = GrammarCompiler(
+            guided_decoding_backend, self._grammar_tokenizer, loaded.config.vocab_size
+        )
+        processors = default_processors(self.eos_token_ids)
+        processors.insert(1, self.grammars.processor)  # hard constraints first
         self.output_processor = OutputProcessor(
             self.requests,
             self.scheduler,
-            Sampler(self.eos_token_ids),
+            Sampler(self.eos_token_ids, processors),
             self.eos_token_ids,
             sched.max_model_len,
         )
@@ -118,6 +128,14 @@ class LLMEngine:
             ids.add(self.tokenizer.eos_token_id)
         ids.update(self.tokenizer.stop_token_ids)  # e.g. GGUF end-of-turn tokens
         return ids
+
+    def _grammar_tokenizer(self) -> TokenizerInfo:
+        tokenizer = self.require_tokenizer(
+            "guided decoding constrains text", "constrain token ids with allowed_token_ids"
+        )
+        return TokenizerInfo(
+            tokenizer.backend.to_str(), self.model_config.vocab_size, tuple(self.eos_token_ids)
+        )
 
     def require_tokenizer(self, what: str, accepted: str = "give token ids") -> Tokenizer:
         """The tokenizer, or a ValueError saying that `what` needs one, that this engine runs
@@ -164,6 +182,7 @@ class LLMEngine:
             self.tokenizer,
             seed=seed,
             bad_words_ids=self._bad_words_ids(params.bad_words or []),
+            grammar=self.grammars.matcher(guided) if (guided := params.guided_decoding) else None,
         )
         self._admit(req)
         self._num_sample_requests += 1

@@ -177,6 +177,7 @@ class OutputProcessor:
                 req.token_times.append(now)
             self._append(seq, req, res)
             touched[seq.request_id] = None
+        self.sampler.prepare([s for s in seqs if not s.is_finished])
         return list(touched)
 
     def _fork_samples(self, req: Request, seq: Sequence) -> list[Sequence]:
@@ -196,6 +197,9 @@ class OutputProcessor:
             seq.logprobs.append(req.logprob_entry(res.token, res.logprob, res.rank, res.top))
         self.generation_tokens += 1
         self._check_stop(seq, req, res.token)
+        if not seq.is_finished and self.sampler.accept(seq, res.token):
+            seq.finish("stop")  # a constraint is complete (guided decoding)
+            seq.text += req.detokenizers[seq.seq_id].flush().rstrip("\ufffd")
         if seq.is_finished:
             self.scheduler.finish(seq)
 

@@ -16,6 +16,7 @@ import torch
 
 from lamina.engine.beam_search import BeamGroup
 from lamina.engine.sequence import Sequence, make_generator
+from lamina.guided.backend import GrammarMatcher
 from lamina.loading.detokenizer import NO_TEXT, IncrementalDetokenizer
 from lamina.loading.tokenizer import Tokenizer
 from lamina.outputs import (
@@ -42,6 +43,7 @@ class Request:
     # own seed, or the one the engine derived from its engine seed; None: OS entropy
     seed: int | None = None
     bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized
+    grammar: GrammarMatcher | None = None  # params.guided, compiled: the first sample's matcher
     # times on the monotonic clock (see `metrics`)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
@@ -69,6 +71,7 @@ class Request:
             index=0,
             generator=make_generator(self.seed, 0),
             bad_words_ids=self.bad_words_ids,
+            grammar=self.grammar,
         )
         self.add_seq(first)
         self.forked = self.params.best_of == 1

@@ -1,8 +1,9 @@
 """Batched sampling over rows that each carry their own settings.
 
-Order (as vLLM): logprobs of the model's own distribution are taken first; then allowed token
-ids, bad words, logit bias, min_tokens blocking and penalties (these also steer greedy); then
-temperature, min_p, top-k and top-p; then a draw. The draw is an exponential race (argmax of
+Order (as vLLM): logprobs of the model's own distribution are taken first; then the
+logits-processor stage (engine/logits_processors.py: allowed token ids, a grammar, bad words,
+logit bias, min_tokens blocking and penalties; these also steer greedy); then temperature,
+min_p, top-k and top-p; then a draw. The draw is an exponential race (argmax of
 p / E, E ~ Exp(1), picks i with probability p_i) whose noise comes from each sequence's own
 generator, so a seeded request gets the same tokens whatever else shares its batch.
 """
@@ -14,6 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lamina.engine.logits_processors import (
+    LogitsProcessor,
+    default_processors,
+    run_processors,
+)
 from lamina.engine.sequence import Sequence
 
 
@@ -23,39 +29,6 @@ class SampleResult:
     logprob: float  # of the chosen token under the model's distribution
     rank: int | None = None  # 1 = most likely; only computed when logprobs are asked for
     top: list[tuple[int, float]] | None = None  # top-N (id, logprob), most likely first
-
-
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], vocab: int) -> torch.Tensor:
-    """Repetition (CTRL/transformers, over prompt + output) and frequency / presence (OpenAI,
-    over the output), in place on [B, V] logits."""
-    rows = len(seqs)
-    out_counts = torch.zeros(rows, vocab, dtype=logits.dtype)
-    seen = torch.zeros(rows, vocab, dtype=torch.bool)
-    for i, seq in enumerate(seqs):
-        if seq.output_token_ids:
-            ids = torch.tensor(seq.output_token_ids)
-            out_counts[i].index_add_(0, ids, torch.ones(len(ids), dtype=logits.dtype))
-        if seq.sampling_params.repetition_penalty != 1.0:
-            seen[i, torch.tensor(seq.token_ids)] = True
-    rep = torch.tensor([s.sampling_params.repetition_penalty for s in seqs], dtype=logits.dtype)
-    rep = rep.unsqueeze(1)
-    penalized = torch.where(logits < 0, logits * rep, logits / rep)
-    logits = torch.where(seen, penalized, logits)
-    freq = torch.tensor([s.sampling_params.frequency_penalty for s in seqs], dtype=logits.dtype)
-    pres = torch.tensor([s.sampling_params.presence_penalty for s in seqs], dtype=logits.dtype)
-    return logits - freq.unsqueeze(1) * out_counts - pres.unsqueeze(1) * (out_counts > 0)
-
-
-def bad_word_bans(seq: Sequence) -> list[int]:
-    """The tokens `seq` may not generate next (vLLM's bad_words): the last token of each bad
-    word's token sequence whose other tokens end the output so far (a one-token word always)."""
-    out = seq.output_token_ids
-    bans = []
-    for word in seq.bad_words_ids:
-        head = len(word) - 1
-        if head == 0 or (head <= len(out) and out[len(out) - head :] == word[:-1]):
-            bans.append(word[-1])
-    return bans
 
 
 def top_k_top_p_min_p(
@@ -85,15 +58,23 @@ def top_k_top_p_min_p(
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: Collection[int] = ()) -> None:
+    def __init__(
+        self,
+        eos_token_ids: Collection[int] = (),
+        processors: list[LogitsProcessor] | None = None,
+    ) -> None:
+        """`processors`: the logits-processor stage; by default the built-in ones
+        (`default_processors`)."""
         self.eos_token_ids = list(eos_token_ids)
+        self.processors = (
+            default_processors(eos_token_ids) if processors is None else list(processors)
+        )
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         """One token per row of float32 logits [B, V]; row i belongs to seqs[i]."""
         params = [s.sampling_params for s in seqs]
-        vocab = logits.shape[-1]
         logprobs = logits.log_softmax(dim=-1)
-        logits = self._steer(logits, seqs, vocab)
+        logits = self._steer(logits, seqs)
         tokens = logits.argmax(dim=-1)
         if not all(p.greedy for p in params):
             tokens = torch.where(
@@ -118,44 +99,21 @@ class Sampler:
             for i in range(len(seqs))
         ]
 
-    def _steer(self, logits: torch.Tensor, seqs: list[Sequence], vocab: int) -> torch.Tensor:
-        """Allowed ids, bad words, logit bias, min_tokens and penalties: the processors that
-        change greedy too."""
-        params = [s.sampling_params for s in seqs]
-        restricted = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
-        if restricted:
-            logits = logits.clone()
-            for i in restricted:
-                allowed = torch.tensor(params[i].allowed_token_ids or [])
-                kept = logits[i, allowed]
-                logits[i] = float("-inf")
-                logits[i, allowed] = kept
-        banned = [
-            (i, ids) for i, s in enumerate(seqs) if s.bad_words_ids and (ids := bad_word_bans(s))
-        ]
-        if banned:
-            logits = logits.clone()
-            for i, ids in banned:
-                logits[i, torch.tensor(ids)] = float("-inf")
-        if any(p.logit_bias for p in params):
-            logits = logits.clone()
-            for i, p in enumerate(params):
-                for tok, bias in (p.logit_bias or {}).items():
-                    logits[i, tok] += bias
-        blocked = [
-            i for i, s in enumerate(seqs) if len(s.output_token_ids) < s.sampling_params.min_tokens
-        ]
-        if blocked:
-            logits = logits.clone()
-            for i in blocked:
-                stop_ids = set(params[i].stop_token_ids or [])
-                if not params[i].ignore_eos:
-                    stop_ids.update(self.eos_token_ids)
-                if stop_ids:
-                    logits[i, torch.tensor(sorted(stop_ids))] = float("-inf")
-        if any(p.has_penalties for p in params):
-            logits = apply_penalties(logits, seqs, vocab)
-        return logits
+    def _steer(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The logits-processor stage: what changes greedy too (engine/logits_processors.py)."""
+        return run_processors(self.processors, logits, seqs)
+
+    def accept(self, seq: Sequence, token: int) -> bool:
+        """Tell every processor that `token` was generated for `seq`; True when one of them
+        says the sequence is complete."""
+        done = False
+        for p in self.processors:
+            done |= p.accept(seq, token)
+        return done
+
+    def prepare(self, seqs: list[Sequence]) -> None:
+        for p in self.processors:
+            p.prepare(seqs)
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.sampling_params for s in seqs]

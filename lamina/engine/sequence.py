@@ -5,12 +5,15 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lamina.outputs import SampleLogprobs
 from lamina.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from lamina.guided.backend import GrammarMatcher
 
 _seq_counter = itertools.count()
 
@@ -90,6 +93,7 @@ class Sequence:
     # Dynamic NTK: the sequence length whose base all its tokens use, fixed at admission (None:
     # the trained base); also salts its prefix-cache hashes. See lamina/layers/rotary.py.
     rope_len: int | None = None
+    grammar: GrammarMatcher | None = None  # guided decoding: where the output is in its grammar
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)
@@ -142,6 +146,7 @@ class Sequence:
             logprobs=None if self.logprobs is None else list(self.logprobs),
             bad_words_ids=self.bad_words_ids,
             rope_len=self.rope_len,
+            grammar=None if self.grammar is None else self.grammar.copy(),
         )
         child.output_token_ids = list(self.output_token_ids)
         child.token_ids = list(self.token_ids)

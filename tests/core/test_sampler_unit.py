@@ -181,7 +181,7 @@ def steer_batch() -> tuple[torch.Tensor, list[Sequence]]:
 
 def test_bias_min_tokens_and_penalties_equal_the_reference():
     logits, seqs = steer_batch()
-    ours = Sampler(eos_token_ids=[EOS])._steer(logits, seqs, V)
+    ours = Sampler(eos_token_ids=[EOS])._steer(logits, seqs)
     ref = ref_steered(logits, seqs, [EOS])
     assert torch.equal(ours == -math.inf, ref == -math.inf)
     finite = ref != -math.inf

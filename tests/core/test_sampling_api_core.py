@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from lamina.engine.sampler import Sampler, bad_word_bans
+from lamina.engine.logits_processors import bad_word_bans
+from lamina.engine.sampler import Sampler
 from lamina.engine.sequence import Sequence, derive_seed, make_generator
 from lamina.engine_config import EngineConfig
 from lamina.sampling_params import BeamSearchParams, SamplingParams

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lamina import LLM, BeamSearchParams, SamplingParams
-from lamina.engine.sampler import Sampler, apply_penalties, top_k_top_p_min_p
+from lamina.engine.logits_processors import apply_penalties
+from lamina.engine.sampler import Sampler, top_k_top_p_min_p
 from lamina.engine.sequence import Sequence
 
 

@@ -1,0 +1,108 @@
+"""The grammar's logits processor: constrained rows get their grammar's token mask, all rows
+in one batched operation, and each generated token advances the sequence's matcher.
+
+Masks for the next step are computed while the model runs: after a step, `prepare` hands the
+continuing constrained sequences to a worker thread (the grammar engine releases the GIL), and
+the next sampler call takes the masks that are still current (the sequence has not grown since)
+and computes only the rest on the spot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from lamina.engine.logits_processors import LogitsProcessor
+from lamina.engine.sequence import Sequence
+from lamina.guided.backend import GrammarBackend, bitmask_words
+
+_BIT = torch.arange(32, dtype=torch.int32)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """bool [rows, vocab_size] from int32 [rows, words]: bit i of word w is token 32 w + i."""
+    bits = (bitmask.unsqueeze(-1) >> _BIT) & 1
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+class GrammarProcessor(LogitsProcessor):
+    hard = True
+
+    def __init__(self, backend: Callable[[], GrammarBackend], vocab_size: int) -> None:
+        """`backend` returns the engine's grammar backend (made on first use)."""
+        self.backend = backend
+        self.vocab_size = vocab_size
+        self.words = bitmask_words(vocab_size)
+        self._pool: ThreadPoolExecutor | None = None
+        # the masks being computed ahead: future of [rows, words], and seq_id -> (row, length)
+        self._ahead: tuple[Future[torch.Tensor], dict[int, tuple[int, int]]] | None = None
+        self.masks_ahead = 0  # masks used from the ahead computation (stats / tests)
+        self.masks_now = 0  # masks computed inside the sampler call
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not rows:
+            return logits
+        masks = self._masks([seqs[i] for i in rows])
+        allowed = unpack_bitmask(masks, logits.shape[-1])
+        index = torch.tensor(rows)
+        logits = logits.clone()
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        return logits
+
+    def _masks(self, seqs: list[Sequence]) -> torch.Tensor:
+        ready: torch.Tensor | None = None
+        where: dict[int, tuple[int, int]] = {}
+        if self._ahead is not None:
+            future, where = self._ahead
+            ready = future.result()
+            self._ahead = None
+        out = torch.empty(len(seqs), self.words, dtype=torch.int32)
+        missing: list[int] = []
+        for j, seq in enumerate(seqs):
+            row, length = where.get(seq.seq_id, (-1, -1))
+            if ready is not None and row >= 0 and length == seq.num_tokens:
+                out[j] = ready[row]
+            else:
+                missing.append(j)
+        self.masks_ahead += len(seqs) - len(missing)
+        self.masks_now += len(missing)
+        if missing:
+            now = torch.empty(len(missing), self.words, dtype=torch.int32)
+            self.backend().fill_masks([seqs[j].grammar for j in missing], now)  # type: ignore[misc]
+            out[torch.tensor(missing)] = now
+        return out
+
+    def accept(self, seq: Sequence, token: int) -> bool:
+        matcher = seq.grammar
+        if matcher is None:
+            return False
+        self.wait()  # a mask being computed ahead may still read this matcher
+        if not matcher.consume(token):
+            return True  # only a token outside the grammar (never sampled) gets here
+        return matcher.is_finished()
+
+    def prepare(self, seqs: list[Sequence]) -> None:
+        todo = [s for s in seqs if s.grammar is not None and not s.is_finished]
+        self.wait()
+        if not todo:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lamina-grammar")
+        matchers = [s.grammar for s in todo]
+        backend = self.backend()
+
+        def fill() -> torch.Tensor:
+            masks = torch.empty(len(matchers), self.words, dtype=torch.int32)
+            backend.fill_masks(matchers, masks)  # type: ignore[arg-type]
+            return masks
+
+        where = {s.seq_id: (i, s.num_tokens) for i, s in enumerate(todo)}
+        self._ahead = (self._pool.submit(fill), where)
+
+    def wait(self) -> None:
+        """Let a mask computation ahead finish (its result stays for the next call)."""
+        if self._ahead is not None:
+            self._ahead[0].result()
