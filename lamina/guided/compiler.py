@@ -4,6 +4,7 @@ logits processor that applies the masks."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from lamina.guided.backend import (
@@ -25,12 +26,14 @@ class GrammarCompiler:
         self.backend_name = backend_name
         self._tokenizer_info = tokenizer_info
         self._backend: GrammarBackend | None = None
+        self._lock = threading.Lock()  # the server compiles on worker threads too
         self.processor = GrammarProcessor(self.backend, vocab_size)
 
     def backend(self) -> GrammarBackend:
-        if self._backend is None:
-            self._backend = make_grammar_backend(self.backend_name, self._tokenizer_info())
-        return self._backend
+        with self._lock:
+            if self._backend is None:
+                self._backend = make_grammar_backend(self.backend_name, self._tokenizer_info())
+            return self._backend
 
     def matcher(self, spec: GuidedDecoding) -> GrammarMatcher:
         """A fresh matcher for a request (compiled once per distinct constraint); ValueError

@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from lamina.loading.chat_template import validate_messages
+from lamina.guided.spec import GuidedDecoding
+from lamina.loading.chat_template import select_template, validate_messages
 from lamina.outputs import CompletionOutput
 from lamina.sampling_params import SamplingParams
 from lamina.server.async_engine import RequestStream
@@ -27,6 +28,7 @@ from lamina.server.protocol import (
     ChatLogprobs,
     ChatMessage,
     DeltaMessage,
+    DeltaToolCall,
 )
 from lamina.server.serving import (
     SSE_DONE,
@@ -38,6 +40,8 @@ from lamina.server.serving import (
     sse,
     usage,
 )
+from lamina.server.structured import compile_guided, guided_from_request, structured_request
+from lamina.server.tools import ToolCallParser, ToolUse, messages_for_template, template_reads_tools
 
 _RESERVED_TEMPLATE_KWARGS = frozenset(
     {"chat_template", "tools", "tokenize", "add_generation_prompt", "messages"}
@@ -67,10 +71,12 @@ def render_chat(
     messages: list[ChatMessage],
     add_generation_prompt: bool,
     kwargs: dict[str, Any] | None = None,
+    tools: ToolUse | None = None,
 ) -> list[int]:
     """Token ids of a conversation, exactly as `LLM.chat` builds them. Template variables from
     the client are passed on, but never a template itself (rendering one is the server's
-    choice, and a client-written template could loop for as long as it likes)."""
+    choice, and a client-written template could loop for as long as it likes). Tools reach
+    the template as server/tools.py describes."""
     tokenizer = sv.require_tokenizer(
         "messages are rendered as text by the chat template", "messages"
     )
@@ -80,11 +86,14 @@ def render_chat(
         validate_messages(dicts)  # roles and contents, as LLM.chat checks them
     except ValueError as e:
         raise APIError(str(e), 400, param="messages") from None
+    offered = tools.schemas() if tools is not None and tools.active else None
     try:
+        native = template_reads_tools(select_template(tokenizer.chat_templates, None, offered))
         ids = tokenizer.apply_chat_template(
-            _template_ready(dicts),
+            messages_for_template(_template_ready(dicts), tools, native),
             add_generation_prompt=add_generation_prompt,
             tokenize=True,
+            tools=offered if native else None,
             **extra,
         )
     except Exception as e:  # template errors (raise_exception, missing template, ...)
@@ -96,9 +105,11 @@ async def create_chat_completion(sv: Serving, req: ChatCompletionRequest, raw: R
     sv.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs needs logprobs=true", 400, param="top_logprobs")
+    tools = ToolUse.from_request(req)
+    guided = await _constraint(sv, req, tools)
     # the template and tokenizer run off the event loop, which streams every other request
     ids = await asyncio.to_thread(
-        render_chat, sv, req.messages, req.add_generation_prompt, req.chat_template_kwargs
+        render_chat, sv, req.messages, req.add_generation_prompt, req.chat_template_kwargs, tools
     )
     ids = sv.truncate(ids, req.truncate_prompt_tokens)
     max_tokens = (
@@ -110,11 +121,12 @@ async def create_chat_completion(sv: Serving, req: ChatCompletionRequest, raw: R
         best_of=None,
         max_tokens=sv.resolve_max_tokens(len(ids), max_tokens, "max_tokens"),
         logprobs=top_n if req.logprobs else None,
+        guided=guided,
     )
     stream = await sv.submit([ids], [params])
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     if req.stream:
-        body = _stream(sv, req, len(ids), params, stream, rid)
+        body = _stream(sv, req, len(ids), params, stream, rid, tools)
         return EngineStreamingResponse(body, on_close=stream.close)
     try:
         stream.watch(raw.is_disconnected)
@@ -122,20 +134,58 @@ async def create_chat_completion(sv: Serving, req: ChatCompletionRequest, raw: R
     finally:
         stream.close()
     outputs = final_outputs(last[0], req.n)
-    choices = [
-        ChatChoice(
-            index=o.index,
-            message=AssistantMessage(content=o.text),
-            logprobs=_logprobs(sv, req, o, 0, len(o.token_ids)),
-            finish_reason=o.finish_reason,
-            stop_reason=o.stop_reason,
+    choices = []
+    for o in outputs:
+        message = AssistantMessage(content=o.text)
+        parser = _parser(tools)
+        if parser is not None:
+            content, calls = parser.feed(o.text, done=True)
+            message = AssistantMessage(content=content.strip() or None, tool_calls=calls)
+        choices.append(
+            ChatChoice(
+                index=o.index,
+                message=message,
+                logprobs=_logprobs(sv, req, o, 0, len(o.token_ids)),
+                finish_reason=_finish_reason(o.finish_reason, parser),
+                stop_reason=o.stop_reason,
+            )
         )
-        for o in outputs
-    ]
     result = ChatCompletion(
         id=rid, model=sv.model_name, choices=choices, usage=usage(len(ids), outputs)
     )
     return JSONResponse(result.model_dump(mode="json"))
+
+
+async def _constraint(
+    sv: Serving, req: ChatCompletionRequest, tools: ToolUse | None
+) -> GuidedDecoding | None:
+    """The output's constraint: tool_choice "required" / a named function, or a structured
+    output field (not both: a 400)."""
+    calls = tools.grammar() if tools is not None else None
+    if calls is None:
+        return await structured_request(sv, req)
+    if guided_from_request(req) is not None:
+        raise APIError(
+            "tool_choice asks for a tool call, which leaves no room for response_format / "
+            "guided_* / structured_outputs; give one of them",
+            400,
+            param="tool_choice",
+        )
+    await compile_guided(sv.engine.engine, calls, "tools")
+    return calls
+
+
+def _parser(tools: ToolUse | None) -> ToolCallParser | None:
+    if tools is None or not tools.active:
+        return None
+    return ToolCallParser(tools.names, tools.parallel)
+
+
+def _finish_reason(reason: str | None, parser: ToolCallParser | None) -> str | None:
+    """OpenAI's "tool_calls" when the model ended its turn with calls."""
+    if reason == "stop" and parser is not None and parser.calls:
+        return "tool_calls"
+    return reason
 
 
 def _logprobs(
@@ -156,9 +206,12 @@ async def _stream(
     params: SamplingParams,
     stream: RequestStream,
     rid: str,
+    tools: ToolUse | None,
 ) -> AsyncIterator[str]:
     created = int(time.time())
     cursors = [ChoiceCursor() for _ in range(req.n)]
+    parsers = [_parser(tools) for _ in range(req.n)]
+    released = [""] * req.n  # text each cursor has let out (the parser's input)
     final: list[CompletionOutput] | None = None
 
     def chunk(choice: ChatChunkChoice) -> str:
@@ -191,10 +244,17 @@ async def _stream(
                 if step is None:
                     continue
                 delta, t0, t1 = step
+                message = DeltaMessage(content=delta) if delta else DeltaMessage()
+                parser = parsers[o.index]
+                if parser is not None:
+                    released[o.index] += delta
+                    message = _tool_delta(parser, released[o.index], cur.finished)
+                    if not (cur.finished or message.content or message.tool_calls or req.logprobs):
+                        continue  # text held back: it may be the start of a call
                 choice = ChatChunkChoice(
                     index=o.index,
-                    delta=DeltaMessage(content=delta) if delta else DeltaMessage(),
-                    finish_reason=o.finish_reason,
+                    delta=message,
+                    finish_reason=_finish_reason(o.finish_reason, parser),
                 )
                 if req.logprobs:
                     choice.logprobs = _logprobs(sv, req, o, t0, t1)
@@ -209,3 +269,16 @@ async def _stream(
     except Exception as e:  # the engine failed mid-stream: say so in the stream
         yield sse(internal_error("a /v1/chat/completions stream", e).body())
     yield SSE_DONE
+
+
+def _tool_delta(parser: ToolCallParser, text: str, done: bool) -> DeltaMessage:
+    """The content and the completed calls that `text` (all released so far) adds."""
+    before = len(parser.calls)
+    content, calls = parser.feed(text, done)
+    message = DeltaMessage(content=content) if content else DeltaMessage()
+    if calls:
+        message.tool_calls = [
+            DeltaToolCall(index=before + k, id=c.id, function=c.function)
+            for k, c in enumerate(calls)
+        ]
+    return message

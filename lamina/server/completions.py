@@ -32,6 +32,7 @@ from lamina.server.serving import (
     sse,
     usage,
 )
+from lamina.server.structured import structured_request
 
 
 class _Prompt:
@@ -93,6 +94,7 @@ async def create_completion(sv: Serving, req: CompletionRequest, raw: Request) -
         if req.truncate_prompt_tokens is not None:
             p.truncate(sv.truncate(p.ids, req.truncate_prompt_tokens))
     want_prompt_lp = req.echo and req.logprobs is not None
+    guided = await structured_request(sv, req)
     params = [
         sv.sampling_params(
             req,
@@ -100,6 +102,7 @@ async def create_completion(sv: Serving, req: CompletionRequest, raw: Request) -
             max_tokens=sv.resolve_max_tokens(len(p.ids), req.max_tokens, "max_tokens"),
             logprobs=req.logprobs,
             prompt_logprobs=req.logprobs if want_prompt_lp else None,
+            guided=guided,
         )
         for p in prompts
     ]

@@ -1,7 +1,7 @@
 """Pydantic models of every request and response body, in OpenAI's shapes (plus vLLM's extra
 sampling fields), so the openai SDK, lm-eval and vLLM clients work unchanged.
 
-Requests are strict: a field lamina does not implement (OpenAI's `tools`, a misspelled
+Requests are strict: a field lamina does not implement (OpenAI's `audio`, a misspelled
 `max_token`) is a 400 naming it instead of being silently ignored; vLLM's extra fields that
 lamina implements are accepted. So are wrongly typed known fields, non-finite numbers (Python's
 json reads the literals NaN and Infinity) and strings that are not valid Unicode (a lone
@@ -54,19 +54,13 @@ _NEUTRAL: dict[str, tuple[Any, ...] | None] = {
     "store": (None, False),
     "metadata": _ANY,
     "service_tier": _ANY,
-    "response_format": (None, {"type": "text"}),
     # vLLM
     "use_beam_search": (None, False),
     "length_penalty": (None, 1.0),
     "spaces_between_special_tokens": (None, True),
     "prompt_logprobs": (None,),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "guided_decoding_backend": (None,),
+    "guided_decoding_backend": (None, "llguidance", "guidance"),
     "guided_whitespace_pattern": (None,),
-    "structured_outputs": (None,),
     "logits_processors": (None,),
     "return_tokens_as_token_ids": (None, False),
     "priority": (None, 0),
@@ -74,9 +68,6 @@ _NEUTRAL: dict[str, tuple[Any, ...] | None] = {
 }
 _NEUTRAL_CHAT: dict[str, tuple[Any, ...] | None] = {
     **_NEUTRAL,
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "parallel_tool_calls": _ANY,
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "modalities": (None, ["text"]),
@@ -143,6 +134,42 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    """OpenAI's response_format.json_schema. The schema is always enforced (whatever `strict`
+    says): the output is a JSON value the schema accepts."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError(
+                "response_format",
+                "response_format: json_schema is given exactly when type is 'json_schema'",
+                {"field": "response_format"},
+            )
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` extra field (set one kind)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None
+
+
 class SamplingFields(_Request):
     """Fields both generation endpoints share; the last group are vLLM's extra body fields."""
 
@@ -170,6 +197,13 @@ class SamplingFields(_Request):
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
+    # structured output: OpenAI's response_format, vLLM's guided_* and structured_outputs
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -204,9 +238,33 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     neutral_fields = _NEUTRAL_CHAT
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -281,9 +339,21 @@ class ChatLogprobs(_Response):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(_Response):
@@ -304,9 +374,19 @@ class ChatCompletion(_Response):
     system_fingerprint: str | None = None
 
 
+class DeltaToolCall(_Response):
+    """A streamed tool call: lamina sends each call whole, in one delta, once it is complete."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(_Response):

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from lamina.guided.spec import GuidedDecoding
 from lamina.loading.tokenizer import Tokenizer
 from lamina.outputs import CompletionOutput, Logprob, RequestOutput
 from lamina.sampling_params import SamplingParams
@@ -165,8 +166,10 @@ class Serving:
         max_tokens: int,
         logprobs: int | None,
         prompt_logprobs: int | None = None,
+        guided: GuidedDecoding | None = None,
     ) -> SamplingParams:
-        """The request's fields as SamplingParams; its range errors become 400s."""
+        """The request's fields as SamplingParams; its range errors become 400s. `guided`:
+        the request's constraint, already compiled (server/structured.py)."""
         self.check_request_caps(req)
         if not self.has_tokenizer:
             for name, value, instead in (
@@ -215,6 +218,7 @@ class Serving:
             "bad_words": req.bad_words,
             "allowed_token_ids": req.allowed_token_ids,
             "truncate_prompt_tokens": req.truncate_prompt_tokens,
+            "guided": guided,
         }
         for name in (
             "temperature",

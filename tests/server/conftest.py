@@ -123,6 +123,19 @@ def live_server_cls() -> type[LiveServer]:
 
 
 @pytest.fixture(scope="session")
+def smol_server(smollm2_llm) -> Iterator[LiveServer]:
+    """A server serving SmolLM2 as "smollm2", over its own engine on the weights the offline
+    fixture already loaded."""
+    e = smollm2_llm.engine
+    engine = LLMEngine(
+        e.loaded, e.cache_config, e.scheduler_config, e.block_manager.enable_prefix_caching
+    )
+    srv = LiveServer(engine, ServerSettings(served_model_name="smollm2")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_folder(tiny_model_factory):
     return tiny_model_factory("llama_gqa")[0]
 

@@ -9,8 +9,6 @@ import httpx
 import pytest
 
 from lamina import SamplingParams
-from lamina.engine.llm_engine import LLMEngine
-from lamina.server import ServerSettings
 
 pytestmark = pytest.mark.slow
 
@@ -19,18 +17,6 @@ a library, trains, gardens, the desert, chess, honey, volcanoes, owls, a lightho
 apples, rivers, clocks, bicycles, thunder, tea, the forest, kites, bridges, whales, candles,
 the sun""".replace("\n", " ").split(", ")
 MAX_TOKENS = 16
-
-
-@pytest.fixture(scope="module")
-def smol_server(smollm2_llm, live_server_cls):
-    """A server over its own engine on the weights the offline fixture already loaded."""
-    e = smollm2_llm.engine
-    engine = LLMEngine(
-        e.loaded, e.cache_config, e.scheduler_config, e.block_manager.enable_prefix_caching
-    )
-    srv = live_server_cls(engine, ServerSettings(served_model_name="smollm2")).start()
-    yield srv
-    srv.stop()
 
 
 def test_32_concurrent_streams_equal_offline(smol_server, smollm2_llm, metric):
