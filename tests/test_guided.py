@@ -14,12 +14,19 @@ import torch
 from pydantic import BaseModel
 
 from lamina import LLM, GuidedDecoding, SamplingParams
+from lamina.engine.llm_engine import LLMEngine
 from lamina.engine.logits_processors import (
     LogitsProcessor,
     MinTokens,
     run_processors,
 )
 from lamina.engine.sequence import Sequence
+from lamina.guided.backend import (
+    GrammarBackend,
+    GrammarMatcher,
+    TokenizerInfo,
+    register_grammar_backend,
+)
 from lamina.guided.processor import unpack_bitmask
 
 PROMPTS = [{"prompt_token_ids": [5, 6, 7, 8]}, {"prompt_token_ids": [40, 41, 42]}]
@@ -284,3 +291,55 @@ def test_without_a_tokenizer_guided_is_refused(tiny_model_factory):
     llm = LLM(str(tiny_model_factory("llama_gqa")[0]), skip_tokenizer_init=True)
     with pytest.raises(ValueError, match=r"guided decoding constrains text.*allowed_token_ids"):
         gen(llm, PROMPTS[0], guided={"regex": "a+"})
+
+
+# ---- the backend seam --------------------------------------------------------------------
+class _GivesUp(GrammarMatcher):
+    """Allows any token, and fails on the fourth (as a grammar engine hitting a limit)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def consume(self, token: int) -> bool:
+        self.n += 1
+        return self.n < 4
+
+    def rollback(self, num_tokens: int) -> None:
+        self.n -= num_tokens
+
+    def fill_mask(self, row: torch.Tensor) -> None:
+        row.fill_(-1)
+
+    def is_finished(self) -> bool:
+        return False
+
+    def error(self) -> str | None:
+        return "too complex" if self.n >= 4 else None
+
+    def copy(self) -> _GivesUp:
+        twin = _GivesUp()
+        twin.n = self.n
+        return twin
+
+
+class _GivesUpBackend(GrammarBackend):
+    name = "gives-up"
+
+    def __init__(self, info: TokenizerInfo) -> None:
+        self.info = info
+
+    def matcher(self, spec: GuidedDecoding) -> GrammarMatcher:
+        return _GivesUp()
+
+
+def test_a_registered_backend_plugs_in_and_a_broken_grammar_aborts(llm):
+    register_grammar_backend("gives-up", _GivesUpBackend)
+    engine = LLMEngine(llm.engine.loaded, guided_decoding_backend="gives-up")
+    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=20, guided={"regex": "a+"}))
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+    out = outs[0].outputs[0]
+    assert out.finish_reason == "abort"
+    assert len(out.token_ids) == 4
+    assert isinstance(engine.grammars.backend(), _GivesUpBackend)
+    assert engine.grammars.backend().info.vocab_size == llm.engine.model_config.vocab_size

@@ -32,10 +32,10 @@ class LogitsProcessor:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         raise NotImplementedError
 
-    def accept(self, seq: Sequence, token: int) -> bool:
-        """`token` was generated for `seq`; True when `seq` must now end (its constraint is
-        complete)."""
-        return False
+    def accept(self, seq: Sequence, token: int) -> str | None:
+        """`token` was generated for `seq`; a finish reason when `seq` must now end ("stop":
+        its constraint is complete; "abort": the constraint broke), else None."""
+        return None
 
     def prepare(self, seqs: list[Sequence]) -> None:
         """`seqs` will likely sample next step: start what can be done ahead."""

@@ -197,8 +197,9 @@ class OutputProcessor:
             seq.logprobs.append(req.logprob_entry(res.token, res.logprob, res.rank, res.top))
         self.generation_tokens += 1
         self._check_stop(seq, req, res.token)
-        if not seq.is_finished and self.sampler.accept(seq, res.token):
-            seq.finish("stop")  # a constraint is complete (guided decoding)
+        reason = None if seq.is_finished else self.sampler.accept(seq, res.token)
+        if reason is not None:  # a constraint is complete, or broke (guided decoding)
+            seq.finish(reason)
             seq.text += req.detokenizers[seq.seq_id].flush().rstrip("\ufffd")
         if seq.is_finished:
             self.scheduler.finish(seq)

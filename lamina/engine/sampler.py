@@ -103,13 +103,11 @@ class Sampler:
         """The logits-processor stage: what changes greedy too (engine/logits_processors.py)."""
         return run_processors(self.processors, logits, seqs)
 
-    def accept(self, seq: Sequence, token: int) -> bool:
-        """Tell every processor that `token` was generated for `seq`; True when one of them
-        says the sequence is complete."""
-        done = False
-        for p in self.processors:
-            done |= p.accept(seq, token)
-        return done
+    def accept(self, seq: Sequence, token: int) -> str | None:
+        """Tell every processor that `token` was generated for `seq`; the first finish reason
+        one of them gives (the sequence must end), else None."""
+        reasons = [p.accept(seq, token) for p in self.processors]
+        return next((r for r in reasons if r is not None), None)
 
     def prepare(self, seqs: list[Sequence]) -> None:
         for p in self.processors:

@@ -9,22 +9,26 @@ and computes only the rest on the spot.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from lamina.engine.logits_processors import LogitsProcessor
 from lamina.engine.sequence import Sequence
 from lamina.guided.backend import GrammarBackend, bitmask_words
 
-_BIT = torch.arange(32, dtype=torch.int32)
+log = logging.getLogger(__name__)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """bool [rows, vocab_size] from int32 [rows, words]: bit i of word w is token 32 w + i."""
-    bits = (bitmask.unsqueeze(-1) >> _BIT) & 1
-    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    """bool [rows, vocab_size] from int32 [rows, words]: bit i of word w is token 32 w + i
+    (little-endian words, so numpy's little-endian bit order over their bytes is token order)."""
+    raw = bitmask.contiguous().numpy().view(np.uint8)
+    bits = np.unpackbits(raw, axis=1, bitorder="little")[:, :vocab_size]
+    return torch.from_numpy(bits).view(torch.bool)
 
 
 class GrammarProcessor(LogitsProcessor):
@@ -47,10 +51,12 @@ class GrammarProcessor(LogitsProcessor):
             return logits
         masks = self._masks([seqs[i] for i in rows])
         allowed = unpack_bitmask(masks, logits.shape[-1])
+        if len(rows) == len(seqs):  # every row constrained: one op, no copy of the rest
+            return logits.masked_fill(~allowed, float("-inf"))
         index = torch.tensor(rows)
-        logits = logits.clone()
-        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
-        return logits
+        out = logits.clone()
+        out[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        return out
 
     def _masks(self, seqs: list[Sequence]) -> torch.Tensor:
         ready: torch.Tensor | None = None
@@ -75,14 +81,19 @@ class GrammarProcessor(LogitsProcessor):
             out[torch.tensor(missing)] = now
         return out
 
-    def accept(self, seq: Sequence, token: int) -> bool:
+    def accept(self, seq: Sequence, token: int) -> str | None:
         matcher = seq.grammar
         if matcher is None:
-            return False
+            return None
         self.wait()  # a mask being computed ahead may still read this matcher
-        if not matcher.consume(token):
-            return True  # only a token outside the grammar (never sampled) gets here
-        return matcher.is_finished()
+        accepted = matcher.consume(token)
+        error = matcher.error()
+        if error is not None or not accepted:
+            # a grammar-engine limit hit, or (never sampled) a token outside the grammar: the
+            # output is cut short, which "stop" would hide
+            log.warning("request %s: guided decoding failed: %s", seq.request_id, error)
+            return "abort"
+        return "stop" if matcher.is_finished() else None
 
     def prepare(self, seqs: list[Sequence]) -> None:
         todo = [s for s in seqs if s.grammar is not None and not s.is_finished]

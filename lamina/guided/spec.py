@@ -51,8 +51,10 @@ class GuidedDecoding:
         as `json.dumps` does (`{"a": 1, "b": [2, 3]}`), which keeps small models from
         rambling in newlines.
 
-    The output ends when the constraint is complete (finish_reason "stop"), or by the usual
-    limits: max_tokens or a stop string cut it wherever they fall, as in vLLM.
+    The output ends when the constraint is complete (finish_reason "stop"), even before
+    min_tokens and with ignore_eos (nothing could follow); or by the usual limits: max_tokens
+    or a stop string cut it wherever they fall, as in vLLM. If the grammar engine gives up (one
+    of its resource limits on a pathological grammar), the output ends with "abort".
     """
 
     json: Any = None
