@@ -93,3 +93,61 @@ SAMPLING_FLOAT_FIELDS = [
     "frequency_penalty",
     "presence_penalty",
 ]
+
+
+# JSON schemas guided decoding is tested with (nested objects, arrays, enums, bounded numbers,
+# optional fields); strings are bounded so that a random model's output ends
+JSON_SCHEMAS: dict[str, dict] = {
+    "nested": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "address": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 6},
+                    "zip": {"type": "integer", "minimum": 1000, "maximum": 9999},
+                },
+                "required": ["city", "zip"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["name", "address"],
+        "additionalProperties": False,
+    },
+    "array_enum": {
+        "type": "object",
+        "properties": {
+            "tags": {
+                "type": "array",
+                "items": {"enum": ["red", "green", "blue"]},
+                "minItems": 1,
+                "maxItems": 3,
+            },
+            "level": {"enum": [1, 2, "high"]},
+        },
+        "required": ["tags", "level"],
+        "additionalProperties": False,
+    },
+    "bounded_numbers_optional": {
+        "type": "object",
+        "properties": {
+            "count": {"type": "integer", "minimum": -5, "maximum": 20},
+            "ok": {"type": "boolean"},
+            "note": {"type": "string", "maxLength": 5},
+        },
+        "required": ["count"],
+        "additionalProperties": False,
+    },
+    "list_of_objects": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}},
+            "required": ["id"],
+            "additionalProperties": False,
+        },
+        "minItems": 1,
+        "maxItems": 2,
+    },
+}

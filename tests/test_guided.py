@@ -25,66 +25,12 @@ from lamina.guided.backend import (
     GrammarBackend,
     GrammarMatcher,
     TokenizerInfo,
-    register_grammar_backend,
 )
 from lamina.guided.processor import unpack_bitmask
+from lamina.guided.registry import register_grammar_backend
+from tests.helpers import JSON_SCHEMAS as SCHEMAS
 
 PROMPTS = [{"prompt_token_ids": [5, 6, 7, 8]}, {"prompt_token_ids": [40, 41, 42]}]
-
-SCHEMAS = {
-    "nested": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "maxLength": 8},
-            "address": {
-                "type": "object",
-                "properties": {
-                    "city": {"type": "string", "maxLength": 6},
-                    "zip": {"type": "integer", "minimum": 1000, "maximum": 9999},
-                },
-                "required": ["city", "zip"],
-                "additionalProperties": False,
-            },
-        },
-        "required": ["name", "address"],
-        "additionalProperties": False,
-    },
-    "array_enum": {
-        "type": "object",
-        "properties": {
-            "tags": {
-                "type": "array",
-                "items": {"enum": ["red", "green", "blue"]},
-                "minItems": 1,
-                "maxItems": 3,
-            },
-            "level": {"enum": [1, 2, "high"]},
-        },
-        "required": ["tags", "level"],
-        "additionalProperties": False,
-    },
-    "bounded_numbers_optional": {
-        "type": "object",
-        "properties": {
-            "count": {"type": "integer", "minimum": -5, "maximum": 20},
-            "ok": {"type": "boolean"},
-            "note": {"type": "string", "maxLength": 5},
-        },
-        "required": ["count"],
-        "additionalProperties": False,
-    },
-    "list_of_objects": {
-        "type": "array",
-        "items": {
-            "type": "object",
-            "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}},
-            "required": ["id"],
-            "additionalProperties": False,
-        },
-        "minItems": 1,
-        "maxItems": 2,
-    },
-}
 
 
 @pytest.fixture(scope="module")
@@ -278,13 +224,29 @@ def test_preemption_keeps_each_grammar_state(tiny_model_factory, llm):
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
 
 
-def test_masks_are_computed_ahead_of_the_sampler(llm):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_masks_computed_ahead_or_in_the_sampler_give_the_same_tokens(llm, ahead):
     proc = llm.engine.grammars.processor
+    default = proc.ahead
+    params = {"temperature": 0.7, "seed": 4, "n": 2, "max_tokens": 200}
+    want = [
+        c.token_ids
+        for o in gen(llm, PROMPTS, guided={"json": SCHEMAS["nested"]}, **params)
+        for c in o.outputs
+    ]
     before_ahead, before_now = proc.masks_ahead, proc.masks_now
-    gen(llm, PROMPTS, temperature=0, max_tokens=200, guided={"json": SCHEMAS["nested"]})
-    ahead, now = proc.masks_ahead - before_ahead, proc.masks_now - before_now
-    assert now <= 2  # the first token of each request
-    assert ahead > 10 * now
+    proc.ahead = ahead
+    try:
+        outs = gen(llm, PROMPTS, guided={"json": SCHEMAS["nested"]}, **params)
+    finally:
+        proc.ahead = default
+    assert [c.token_ids for o in outs for c in o.outputs] == want
+    ahead_n, now_n = proc.masks_ahead - before_ahead, proc.masks_now - before_now
+    if ahead:
+        assert now_n <= 4  # each sample's first token
+        assert ahead_n > 10 * now_n
+    else:
+        assert ahead_n == 0
 
 
 def test_without_a_tokenizer_guided_is_refused(tiny_model_factory):

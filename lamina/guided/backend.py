@@ -5,13 +5,13 @@ a sequence's output token by token and writes the set of tokens allowed next as 
 (32 tokens per int32, bit i of word w = token 32 w + i, the layout xgrammar and llguidance
 share). Writing masks for many matchers at once is the backend's job too, so it may use its
 own thread pool. lamina ships `llguidance` (guided/llguidance_backend.py); another engine
-(xgrammar, outlines-core) plugs in with `register_grammar_backend`.
+(xgrammar, outlines-core) plugs in with `register_grammar_backend` (guided/registry.py).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,22 +75,3 @@ class TokenizerInfo:
     tokenizer_json: str
     vocab_size: int
     eos_token_ids: tuple[int, ...]
-
-
-BackendFactory = Callable[[TokenizerInfo], GrammarBackend]
-_BACKENDS: dict[str, BackendFactory] = {}
-
-
-def register_grammar_backend(name: str, factory: BackendFactory) -> None:
-    _BACKENDS[name] = factory
-
-
-def make_grammar_backend(name: str, info: TokenizerInfo) -> GrammarBackend:
-    """The registered backend `name` for this tokenizer."""
-    if name not in _BACKENDS:
-        import lamina.guided.llguidance_backend  # noqa: F401  (registers itself)
-    if name not in _BACKENDS:
-        raise ValueError(
-            f"grammar backend {name!r} is not registered; registered: {sorted(_BACKENDS)}"
-        )
-    return _BACKENDS[name](info)

@@ -11,9 +11,9 @@ from lamina.guided.backend import (
     GrammarBackend,
     GrammarMatcher,
     TokenizerInfo,
-    make_grammar_backend,
 )
 from lamina.guided.processor import GrammarProcessor
+from lamina.guided.registry import make_grammar_backend
 from lamina.guided.spec import GuidedDecoding
 
 

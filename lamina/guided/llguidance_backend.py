@@ -21,7 +21,6 @@ from lamina.guided.backend import (
     GrammarBackend,
     GrammarMatcher,
     TokenizerInfo,
-    register_grammar_backend,
 )
 from lamina.guided.spec import GuidedDecoding
 
@@ -127,6 +126,3 @@ class LLGuidanceBackend(GrammarBackend):
             self.executor.unsafe_compute_mask_ptr(
                 pairs, bitmask.data_ptr(), words * 4, bitmask.shape[0]
             )
-
-
-register_grammar_backend("llguidance", LLGuidanceBackend)

@@ -1,15 +1,17 @@
 """The grammar's logits processor: constrained rows get their grammar's token mask, all rows
 in one batched operation, and each generated token advances the sequence's matcher.
 
-Masks for the next step are computed while the model runs: after a step, `prepare` hands the
-continuing constrained sequences to a worker thread (the grammar engine releases the GIL), and
-the next sampler call takes the masks that are still current (the sequence has not grown since)
-and computes only the rest on the spot.
+Where a core is free of torch's threads, masks for the next step are computed while the model
+runs: after a step, `prepare` hands the continuing constrained sequences to a worker thread
+(the grammar engine releases the GIL), and the next sampler call takes the masks that are
+still current (the sequence has not grown since) and computes only the rest on the spot.
+Otherwise every mask is computed in the sampler call (all rows at once, by the backend).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -31,11 +33,26 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.from_numpy(bits).view(torch.bool)
 
 
+def free_core() -> bool:
+    """Whether this process may use more cores than torch's threads take."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
+
+
 class GrammarProcessor(LogitsProcessor):
     hard = True
 
-    def __init__(self, backend: Callable[[], GrammarBackend], vocab_size: int) -> None:
-        """`backend` returns the engine's grammar backend (made on first use)."""
+    def __init__(
+        self, backend: Callable[[], GrammarBackend], vocab_size: int, ahead: bool | None = None
+    ) -> None:
+        """`backend` returns the engine's grammar backend (made on first use). `ahead`: compute
+        next step's masks while the model runs; by default only when a core is left over from
+        torch's threads (`free_core`): on a machine whose every core runs the model, the mask
+        thread would stall torch's parallel regions and cost more than it saves."""
+        self.ahead = free_core() if ahead is None else ahead
         self.backend = backend
         self.vocab_size = vocab_size
         self.words = bitmask_words(vocab_size)
@@ -98,7 +115,7 @@ class GrammarProcessor(LogitsProcessor):
     def prepare(self, seqs: list[Sequence]) -> None:
         todo = [s for s in seqs if s.grammar is not None and not s.is_finished]
         self.wait()
-        if not todo:
+        if not todo or not self.ahead:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="lamina-grammar")

@@ -140,7 +140,10 @@ async def create_chat_completion(sv: Serving, req: ChatCompletionRequest, raw: R
         parser = _parser(tools)
         if parser is not None:
             content, calls = parser.feed(o.text, done=True)
-            message = AssistantMessage(content=content.strip() or None, tool_calls=calls)
+            if calls:  # OpenAI: no content beside calls, unless the model wrote some
+                message = AssistantMessage(content=content.strip() or None, tool_calls=calls)
+            else:
+                message = AssistantMessage(content=content)
         choices.append(
             ChatChoice(
                 index=o.index,
