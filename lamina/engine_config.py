@@ -24,6 +24,7 @@ import torch
 
 from lamina.config import CacheConfig, ModelConfig, SchedulerConfig, parse_dtype
 from lamina.rope_config import RopeConfig
+from lamina.spec.config import SpeculativeConfig
 
 UNBOUNDED_MAX_MODEL_LEN = 1 << 20  # StreamingLLM / H2O: the cache no longer bounds a request
 
@@ -149,6 +150,12 @@ class EngineConfig:
         "any chunking, in every dtype (the exact attention kernel, GEMMs over >= 2 rows); "
         "costs throughput (README)",
     )
+    speculative_config: str | dict[str, Any] | None = _opt(
+        None,
+        "speculative decoding, as JSON or a dict: "
+        '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
+        '"prompt_lookup_min": 1, "disable_by_batch_size": 4} (prompt lookup; lossless)',
+    )
     guided_decoding_backend: str = _opt(
         "llguidance",
         "grammar engine of guided decoding (JSON schema, regex, choice, grammar; built on the "
@@ -194,6 +201,7 @@ class EngineConfig:
                 "other; give one of them"
             )
         _check_seed(self.seed)
+        SpeculativeConfig.from_value(self.speculative_config)  # its errors name the key
         _check_gpu_memory_utilization(self.gpu_memory_utilization)
         _check_dtype(self.dtype)
         _check_rope_scaling(self.rope_scaling)

@@ -23,6 +23,7 @@ from lamina.loading.loader import load_model
 from lamina.loading.tokenizer import Tokenizer
 from lamina.outputs import RequestOutput
 from lamina.sampling_params import BeamSearchParams, SamplingParams
+from lamina.spec.config import SpeculativeConfig
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -75,6 +76,7 @@ class LLM:
             seed=config.seed,
             batch_invariant=config.batch_invariant,
             guided_decoding_backend=config.guided_decoding_backend,
+            speculative_config=SpeculativeConfig.from_value(config.speculative_config),
         )
         self.tokenizer: Tokenizer | None = loaded.tokenizer  # None: skip_tokenizer_init
         self._ids = itertools.count()

@@ -28,6 +28,7 @@ LLM_KWARGS = {
     "kv_cache_dtype",
     "attention_sinks",
     "guided_decoding_backend",
+    "speculative_config",
     "sliding_window",
     "h2o_heavy",
     "h2o_recent",

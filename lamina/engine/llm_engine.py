@@ -34,6 +34,8 @@ from lamina.loading.loader import LoadedModel
 from lamina.loading.tokenizer import Tokenizer
 from lamina.outputs import RequestOutput
 from lamina.sampling_params import BeamSearchParams, SamplingParams
+from lamina.spec.config import SpeculativeConfig
+from lamina.spec.speculator import Speculator
 
 
 class LLMEngine:
@@ -49,13 +51,15 @@ class LLMEngine:
         seed: int | None = None,
         batch_invariant: bool = False,
         guided_decoding_backend: str = "llguidance",
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
         """`retention_policy` overrides the one the cache config asks for (a policy of your
         own); `attention_backend` is a registered backend name or "auto". `seed`: requests
         without their own seed get one derived from (seed, their arrival number among the
         requests added with `add_request`), so a rerun samples the same (EngineConfig.seed).
         `batch_invariant`: outputs independent of the batch (EngineConfig.batch_invariant).
-        `guided_decoding_backend`: the registered grammar backend (lamina/guided/backend.py)."""
+        `guided_decoding_backend`: the registered grammar backend (lamina/guided/registry.py).
+        `speculative_config`: guess tokens and verify them in the batch (lamina/spec/)."""
         self.loaded = loaded
         if pack_weights:  # the engine owns the model from here: pack its GEMMs for this CPU
             loaded.model.pack_weights()
@@ -114,9 +118,21 @@ class LLMEngine:
             sched.max_model_len,
         )
         self.stats = EngineStats()
+        self.stats.spec = self.output_processor.spec_stats
+        self.speculator = self._speculator(speculative_config)
         self._internal_ids = itertools.count()
         self.seed = seed
         self._num_sample_requests = 0  # sampling requests admitted: the engine seed's counter
+
+    def _speculator(self, config: SpeculativeConfig | None) -> Speculator | None:
+        if config is None:
+            return None
+        if self.policy.name != "dense":
+            raise ValueError(
+                f"speculative decoding needs the dense KV cache; the {self.policy.name} retention "
+                "policy cannot be combined with it (drop speculative_config, or the policy)"
+            )
+        return Speculator(config, self.scheduler_config.max_model_len)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set(self.model_config.eos_token_ids)
@@ -372,6 +388,10 @@ class LLMEngine:
         """One forward pass for every scheduled sequence; returns the outputs of requests that
         advanced (finished ones are then forgotten)."""
         t0 = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.propose(
+                [s for s in self.scheduler.running if self.requests[s.request_id].kind == "sample"]
+            )
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.waiting and not self.scheduler.running:

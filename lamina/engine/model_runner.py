@@ -39,7 +39,7 @@ class ModelRunner:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             starts.append(len(ids))
-            ids.extend(seq.token_ids[start : start + n])
+            ids.extend(seq.fed_tokens(start, n))
         layout = self.policy.layout(batch.seqs, batch.num_new_tokens)
         meta = self.backend.build_metadata(
             list(batch.num_new_tokens),

@@ -20,6 +20,7 @@ from lamina.engine.request import Request
 from lamina.engine.sampler import Sampler, SampleResult
 from lamina.engine.scheduler import Scheduler, SchedulerOutput
 from lamina.engine.sequence import Sequence, make_generator
+from lamina.engine.stats import SpecStats
 from lamina.kv.block_manager import BlockManager
 from lamina.outputs import RequestOutput
 
@@ -30,6 +31,8 @@ class StepPlan:
 
     rows: list[int] = field(default_factory=list)
     sample: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, logits index)
+    # sequences with guessed tokens: logits indices of their last known token and each guess
+    verify: list[tuple[Sequence, list[int]]] = field(default_factory=list)
     prompt_logprobs: list[tuple[Sequence, int, int]] = field(default_factory=list)  # + target
     beams: list[tuple[Sequence, int]] = field(default_factory=list)
     scored: list[tuple[Request, int, int, int]] = field(default_factory=list)  # first, row, n
@@ -60,6 +63,7 @@ class OutputProcessor:
         self.eos_token_ids = set(eos_token_ids)
         self.max_model_len = max_model_len
         self.generation_tokens = 0
+        self.spec_stats = SpecStats()
         # request kind -> which hidden rows it needs logits for (see engine/request.py)
         self._planners: dict[str, Planner] = {
             "sample": self._plan_sample,
@@ -85,7 +89,11 @@ class OutputProcessor:
     def _plan_sample(
         self, plan: StepPlan, req: Request, seq: Sequence, first: int, n: int, start: int
     ) -> None:
-        if first + n == seq.num_tokens:
+        k = len(seq.spec_tokens)
+        if k and first + n == seq.num_tokens + k:
+            last = start + n - 1 - k  # the row of the last known token
+            plan.verify.append((seq, [plan.want(last + j) for j in range(k + 1)]))
+        elif first + n == seq.num_tokens:
             plan.sample.append((seq, plan.want(start + n - 1)))
         if req.prompt_logprobs is None or seq.index != 0:
             return
@@ -117,6 +125,7 @@ class OutputProcessor:
         self._record_prompt_logprobs(plan.prompt_logprobs, logits)
         for rid in self._sample(plan.sample, logits):
             touched[rid] = None
+        self._verify(plan.verify, logits, touched)
         for rid in self._beam_steps(plan.beams, logits):
             touched[rid] = None
         for rid in self._score(plan.scored, hidden):
@@ -179,6 +188,47 @@ class OutputProcessor:
             touched[seq.request_id] = None
         self.sampler.prepare([s for s in seqs if not s.is_finished])
         return list(touched)
+
+    def _verify(
+        self, rows: list[tuple[Sequence, list[int]]], logits: torch.Tensor, touched: dict[str, None]
+    ) -> None:
+        """Speculative verification, position by position: each sequence samples its next
+        token from the logits after its last known token, exactly as without speculation
+        (the same processors, penalties, grammar and random stream); if that token is its first
+        guess, the guess's logits (computed in the same pass) give the token after it, and so
+        on, until a sample differs from the guess, the guesses run out (the last row gives one
+        more token), or the sequence finishes. Every kept token is a sample of the target's
+        distribution at its position, for greedy and sampling alike (a guess is a point-mass
+        proposal: kept with probability p(guess), else the sample is p restricted to the other
+        tokens, as Leviathan et al.'s rule gives)."""
+        if not rows:
+            return
+        now = time.monotonic()
+        for seq, _ in rows:
+            if seq.request_id not in touched:
+                self.requests[seq.request_id].token_times.append(now)
+                touched[seq.request_id] = None
+        active = [(seq, idx, list(seq.spec_tokens)) for seq, idx in rows]
+        kept = dict.fromkeys((seq.seq_id for seq, _ in rows), 0)
+        j = 0
+        while active:
+            results = self.sampler(
+                logits[torch.tensor([idx[j] for _, idx, _ in active])], [s for s, _, _ in active]
+            )
+            still = []
+            for (seq, idx, guesses), res in zip(active, results):
+                self._append(seq, self.requests[seq.request_id], res)
+                if j < len(guesses) and res.token == guesses[j] and not seq.is_finished:
+                    kept[seq.seq_id] += 1
+                    still.append((seq, idx, guesses))
+            active, j = still, j + 1
+        for seq, _ in rows:
+            self.spec_stats.record(len(seq.spec_tokens), kept[seq.seq_id])
+            if seq.is_finished:
+                seq.spec_tokens.clear()
+            else:
+                self.scheduler.settle_guesses(seq, kept[seq.seq_id])
+        self.sampler.prepare([s for s, _ in rows if not s.is_finished])
 
     def _fork_samples(self, req: Request, seq: Sequence) -> list[Sequence]:
         children = []

@@ -90,6 +90,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq.block_table)
+        seq.spec_tokens.clear()
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
         seq.num_evicted_blocks = 0
@@ -109,8 +110,11 @@ class Scheduler:
         return self.policy.table_tokens(seq, n)
 
     def chunk(self, seq: Sequence, budget: int) -> int:
-        """Tokens `seq` feeds next within `budget` (its own cap, if any, too)."""
-        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        """Tokens `seq` feeds next within `budget` (its own cap, if any, too): what is not
+        computed yet, then its guessed tokens (those past the budget are dropped)."""
+        real = seq.num_tokens - seq.num_computed_tokens
+        n = min(real + len(seq.spec_tokens), budget)
+        del seq.spec_tokens[max(0, n - real) :]
         return n if seq.max_chunk is None else min(n, seq.max_chunk)
 
     def _needs_copy(self, seq: Sequence) -> bool:
@@ -172,23 +176,39 @@ class Scheduler:
         complete = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             before = seq.num_computed_tokens
-            seq.num_computed_tokens += n
+            # guessed tokens count once verification accepts them (`settle_guesses`)
+            seq.num_computed_tokens += n - len(seq.spec_tokens)
             self.stats.prompt_tokens_computed += max(
                 0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - before
             )
-            self.blocks.register_full_blocks(
-                seq.block_table,
-                seq.block_hashes,
-                seq.token_ids,
-                seq.num_computed_tokens,
-                self.policy.pinned_blocks,
-                seq.num_evicted_blocks,
-                seq.rope_len,
-            )
+            self._register(seq)
             self.policy.after_step(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 complete.append(seq)
         return complete
+
+    def _register(self, seq: Sequence) -> None:
+        self.blocks.register_full_blocks(
+            seq.block_table,
+            seq.block_hashes,
+            seq.token_ids,
+            seq.num_computed_tokens,
+            self.policy.pinned_blocks,
+            seq.num_evicted_blocks,
+            seq.rope_len,
+        )
+
+    def settle_guesses(self, seq: Sequence, accepted: int) -> None:
+        """After verification: the first `accepted` guesses' K/V (written this step) are kept,
+        and the blocks that held only rejected guesses go back to the pool. Rejected slots in a
+        kept block are simply overwritten later: rollback is bookkeeping, nothing is copied."""
+        seq.spec_tokens.clear()
+        seq.num_computed_tokens += accepted
+        self._register(seq)
+        keep = self.blocks.blocks_needed(seq.num_tokens)
+        if len(seq.block_table) > keep:
+            self.blocks.release(seq.block_table[keep:])
+            del seq.block_table[keep:]
 
     def _reuse_cached_prefix(self, seq: Sequence) -> None:
         """Take the cached full blocks of the sequence's prefix, keeping at least one token to

@@ -94,6 +94,9 @@ class Sequence:
     # the trained base); also salts its prefix-cache hashes. See lamina/layers/rotary.py.
     rope_len: int | None = None
     grammar: GrammarMatcher | None = None  # guided decoding: where the output is in its grammar
+    # speculative decoding: tokens guessed to follow, fed this step after the real ones and
+    # verified from their logits (never part of token_ids until accepted)
+    spec_tokens: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)
@@ -117,6 +120,13 @@ class Sequence:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed_tokens < self.num_tokens - 1
+
+    def fed_tokens(self, start: int, n: int) -> list[int]:
+        """The `n` tokens fed from position `start`: known tokens, then guessed ones."""
+        tokens = self.token_ids[start : start + n]
+        if len(tokens) < n:
+            tokens += self.spec_tokens[: n - len(tokens)]
+        return tokens
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -24,6 +24,38 @@ class StepStats:
 
 
 @dataclass
+class SpecStats:
+    """Speculative decoding: guesses made and kept, in all and by position."""
+
+    num_drafts: int = 0  # sequence-steps that verified guesses
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_at: list[int] = field(default_factory=list)  # [i]: drafts whose guess i was kept
+    proposed_at: list[int] = field(default_factory=list)  # [i]: drafts that had a guess i
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += proposed
+        self.num_accepted_tokens += accepted
+        for counts, upto in ((self.proposed_at, proposed), (self.accepted_at, accepted)):
+            counts.extend([0] * (upto - len(counts)))
+            for i in range(upto):
+                counts[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verifying sequence gains per step: accepted guesses plus its own token."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def acceptance_by_position(self) -> list[float]:
+        return [a / p for a, p in zip(self.accepted_at, self.proposed_at)]
+
+
+@dataclass
 class EngineStats:
     num_steps: int = 0
     prompt_tokens_computed: int = 0  # prefill actually run (cached prefixes excluded)
@@ -34,6 +66,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    spec: SpecStats = field(default_factory=SpecStats)  # the output processor's, shared
 
     @property
     def overhead_seconds(self) -> float:
@@ -82,6 +115,10 @@ class EngineStats:
             "generation_tokens": self.generation_tokens,
             "prefix_cache_hit_rate": self.prefix_cache_hit_rate,
             "num_preemptions": self.num_preemptions,
+            "spec_draft_tokens": self.spec.num_draft_tokens,
+            "spec_accepted_tokens": self.spec.num_accepted_tokens,
+            "spec_acceptance_rate": self.spec.acceptance_rate,
+            "spec_mean_accepted_length": self.spec.mean_accepted_length,
             "mean_step_ms": 1e3 * self.step_seconds / max(self.num_steps, 1),
             "mean_overhead_ms": 1e3 * self.overhead_seconds / max(self.num_steps, 1),
             **{f"last_{k}": v for k, v in self.last.__dict__.items()},

@@ -79,6 +79,11 @@ class EngineSnapshot:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
+    spec_drafts: int = 0  # sequence-steps that verified guesses (speculative decoding)
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_at: tuple[int, ...] = ()  # kept guesses by position
+    spec_proposed_at: tuple[int, ...] = ()  # guesses made by position
 
 
 @dataclass
@@ -391,4 +396,9 @@ class AsyncEngine:
             prefix_cache_queries=e.scheduler.stats.prefix_cache_queries,
             prefix_cache_hits=e.scheduler.stats.prefix_cache_hits,
             num_preemptions=e.scheduler.stats.num_preemptions,
+            spec_drafts=st.spec.num_drafts,
+            spec_draft_tokens=st.spec.num_draft_tokens,
+            spec_accepted_tokens=st.spec.num_accepted_tokens,
+            spec_accepted_at=tuple(st.spec.accepted_at),
+            spec_proposed_at=tuple(st.spec.proposed_at),
         )

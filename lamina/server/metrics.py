@@ -75,6 +75,31 @@ class _EngineCollector(Collector):
             snap.prefix_cache_hits,
         )
         yield counter("num_preemptions", "Sequences preempted.", snap.num_preemptions)
+        yield counter(
+            "spec_decode_num_drafts",
+            "Sequence-steps that verified speculated tokens.",
+            snap.spec_drafts,
+        )
+        yield counter(
+            "spec_decode_num_draft_tokens", "Speculated tokens verified.", snap.spec_draft_tokens
+        )
+        yield counter(
+            "spec_decode_num_accepted_tokens",
+            "Speculated tokens kept (the target sampled them).",
+            snap.spec_accepted_tokens,
+        )
+        for name, doc, counts in (
+            ("accepted", "kept", snap.spec_accepted_at),
+            ("draft", "verified", snap.spec_proposed_at),
+        ):
+            per = CounterMetricFamily(
+                f"lamina:spec_decode_num_{name}_tokens_per_pos",
+                f"Speculated tokens {doc}, by position in the guess.",
+                labels=[*labels, "position"],
+            )
+            for pos in range(len(snap.spec_proposed_at)):
+                per.add_metric([*value, str(pos)], counts[pos] if pos < len(counts) else 0)
+            yield per
 
 
 class ServerMetrics:

@@ -1,0 +1,59 @@
+"""Which running sequences speculate this step, and with how many proposed tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lamina.engine.sequence import Sequence
+from lamina.spec.config import SpeculativeConfig
+from lamina.spec.ngram import NgramProposer
+from lamina.spec.proposer import Proposer
+
+ProposerFactory = Callable[[SpeculativeConfig], Proposer]
+_PROPOSERS: dict[str, ProposerFactory] = {
+    "ngram": lambda c: NgramProposer(c.prompt_lookup_max, c.prompt_lookup_min),
+}
+
+
+def register_proposer(method: str, factory: ProposerFactory) -> None:
+    """Make `factory(config)` the proposer of `speculative_config={"method": method}`."""
+    _PROPOSERS[method] = factory
+
+
+def make_proposer(config: SpeculativeConfig) -> Proposer:
+    """The proposer the config names."""
+    if config.method not in _PROPOSERS:
+        raise ValueError(
+            f"speculative_config method={config.method!r} is not a proposer; accepted: "
+            f"{', '.join(sorted(_PROPOSERS))}"
+        )
+    return _PROPOSERS[config.method](config)
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.proposer = make_proposer(config)
+
+    def room(self, seq: Sequence) -> int:
+        """Guesses `seq` may take: the verified step also yields one token of its own, and
+        every guessed position must fit in the context."""
+        k = min(self.config.num_speculative_tokens, self.max_model_len - seq.num_tokens)
+        max_tokens = seq.sampling_params.max_tokens
+        if max_tokens is not None:
+            k = min(k, max_tokens - len(seq.output_token_ids) - 1)
+        return max(k, 0)
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Set `spec_tokens` of the decoding sequences among `running` (sampling requests
+        only), or clear them all when the batch is too large to gain."""
+        for seq in running:
+            seq.spec_tokens = []
+        decoding = [s for s in running if s.num_computed_tokens == s.num_tokens - 1]
+        limit = self.config.disable_by_batch_size
+        if not decoding or (limit is not None and len(decoding) > limit):
+            return
+        room = [self.room(s) for s in decoding]
+        for seq, k, guess in zip(decoding, room, self.proposer.propose(decoding, room)):
+            seq.spec_tokens = list(guess[:k])
