@@ -1,6 +1,6 @@
 """Guided decoding on the real model: every output under each JSON schema parses and validates,
 greedy and sampled, batched; a float with bounds; regex, choice and grammar outputs match;
-greedy output that already follows the constraint is unchanged by it."""
+greedy output that a constraint allows anyway is unchanged by it."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_regex_choice_and_grammar(smollm2_llm):
         max_tokens=10,
         guided={"choice": verdicts},
     )
-    assert out[0].outputs[0].text == "positive"
+    assert out[0].outputs[0].text in verdicts
     gbnf = 'root ::= "Answer: " ("yes" | "no") "."'
     out = chat(
         smollm2_llm, ["Is the sky blue?"], temperature=0, max_tokens=10, guided={"grammar": gbnf}
@@ -78,12 +78,13 @@ def test_regex_choice_and_grammar(smollm2_llm):
 
 
 def test_a_constraint_the_model_already_follows_changes_nothing(smollm2_llm):
-    """Greedy text that matches the regex anyway comes out token for token the same."""
-    ask = ["Count from 1 to 5, separated by commas, and nothing else."]
+    """Constrained to the text greedy decoding writes anyway, the output is token for token the
+    same: the free choice is allowed at every step, and it is the argmax of all tokens."""
+    ask = ["Count from 1 to 5."]
     free = chat(smollm2_llm, ask, temperature=0, max_tokens=12)[0].outputs[0]
-    assert re.fullmatch(r"1, 2, 3, 4, 5\.?", free.text), free.text
-    guided = chat(
-        smollm2_llm, ask, temperature=0, max_tokens=12, guided={"regex": re.escape(free.text)}
-    )[0].outputs[0]
-    assert guided.token_ids == free.token_ids[: len(guided.token_ids)]
+    guided = chat(smollm2_llm, ask, temperature=0, max_tokens=12, guided={"choice": [free.text]})[
+        0
+    ].outputs[0]
     assert guided.text == free.text
+    assert guided.token_ids == free.token_ids[: len(guided.token_ids)]
+    assert len(guided.token_ids) >= len(free.token_ids) - 1  # (free may end with EOS)
