@@ -28,7 +28,9 @@ Run from benchmarks/ (or the repository root):
 
 Results: benchmarks/results/structured.json (environment + every number) and structured.md;
 --quick (1 repeat, batch 1 and 4, at most 24 tokens per request, fewer compile repeats) writes
-structured_quick.json / structured_quick.md instead.
+structured_quick.json / structured_quick.md instead. `--ahead on|off` forces or forbids computing
+masks while the model runs (default: the engine's rule), `--batches 16` picks batch sizes;
+either adds a suffix to the result files.
 """
 
 from __future__ import annotations
@@ -430,9 +432,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smoke run: writes structured_quick.*")
+    ap.add_argument(
+        "--ahead",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compute next step's masks while the model runs: auto (the engine's rule: only "
+        "when a core is free of torch's threads), on, off; on/off results get a suffix",
+    )
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,16)")
     args = ap.parse_args()
     repeats = 1 if args.quick else args.repeats
     batches = (1, 4) if args.quick else (1, TARGET_BATCH)
+    if args.batches:
+        batches = tuple(int(b) for b in args.batches.split(","))
     # batch 1: requests one after another; a cap that a complete JSON stays under
     b1_requests = 2 if args.quick else 4
     max_tokens = 24 if args.quick else 256
@@ -455,6 +467,10 @@ def main() -> None:
         "schemas": {"person": PERSON_SCHEMA, "product": PRODUCT_SCHEMA},
     }
     print(summary(results["environment"]), flush=True)
+    if args.ahead != "auto":
+        llm.engine.grammars.processor.ahead = args.ahead == "on"
+    results["masks_ahead_mode"] = args.ahead
+    results["masks_ahead_enabled"] = llm.engine.grammars.processor.ahead
 
     # the one-time tokenizer build, before any constrained request makes the backend
     first_s = timed(llm.engine.grammars.backend)
@@ -516,6 +532,10 @@ def main() -> None:
     results["date"] = time.strftime("%Y-%m-%d %H:%M")
     RESULTS.mkdir(exist_ok=True)
     stem = "structured_quick" if args.quick else "structured"
+    if args.ahead != "auto" or args.batches:
+        stem += f"_ahead-{args.ahead}" + (
+            f"_b{args.batches.replace(',', '-')}" if args.batches else ""
+        )
     out = RESULTS / f"{stem}.json"
     out.write_text(json.dumps(results, indent=2))
     write_markdown(results, out.with_suffix(".md"))
