@@ -21,7 +21,8 @@ from lamina.spec.proposer import Proposer
 from lamina.spec.speculator import register_proposer
 from tests.helpers import JSON_SCHEMAS
 
-NGRAM = {"num_speculative_tokens": 4, "disable_by_batch_size": None}
+# 1-grams: the random model makes few longer repeats, and the tests want guesses verified
+NGRAM = {"num_speculative_tokens": 4, "prompt_lookup_min": 1, "disable_by_batch_size": None}
 # repetitive prompts: the random model's output and its prompt give n-gram hits
 PROMPTS = [
     {"prompt_token_ids": [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]},

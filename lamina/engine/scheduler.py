@@ -38,6 +38,7 @@ class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
+    num_guesses: list[int] = field(default_factory=list)  # of num_new_tokens, guessed ones
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -45,6 +46,7 @@ class SchedulerOutput:
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(n)
+        self.num_guesses.append(len(seq.spec_tokens))
 
 
 @dataclass

@@ -95,7 +95,7 @@ class EngineStats:
         self.prefix_cache_queries = sched.stats.prefix_cache_queries
         self.prefix_cache_hits = sched.stats.prefix_cache_hits
         self.num_preemptions = sched.stats.num_preemptions
-        decodes = sum(1 for n in batch.num_new_tokens if n == 1)
+        decodes = sum(1 for n, g in zip(batch.num_new_tokens, batch.num_guesses) if n - g == 1)
         self.last = StepStats(
             num_running=len(sched.running),
             num_waiting=len(sched.waiting),

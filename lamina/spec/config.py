@@ -14,7 +14,7 @@ class SpeculativeConfig:
     num_speculative_tokens: tokens proposed per sequence and step (k); the target verifies
         k + 1 positions in one pass.
     prompt_lookup_max / prompt_lookup_min: the longest and shortest n-gram tried (longest
-        first).
+        first; a single token recurs too often by chance to be worth verifying).
     disable_by_batch_size: no speculation in a step where more sequences than this are
         decoding (a full batch already uses the machine; verifying guesses would only add
         work); None: always speculate.
@@ -23,8 +23,8 @@ class SpeculativeConfig:
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
-    prompt_lookup_min: int = 1
-    disable_by_batch_size: int | None = 4
+    prompt_lookup_min: int = 2
+    disable_by_batch_size: int | None = 2
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

@@ -18,7 +18,11 @@ def spec_server(tiny_folder, live_server_cls):
     llm = LLM(
         str(tiny_folder),
         dtype="float32",
-        speculative_config={"num_speculative_tokens": 3, "disable_by_batch_size": None},
+        speculative_config={
+            "num_speculative_tokens": 3,
+            "prompt_lookup_min": 1,
+            "disable_by_batch_size": None,
+        },
     )
     srv = live_server_cls(llm.engine, ServerSettings(served_model_name=MODEL)).start()
     yield srv
