@@ -72,3 +72,25 @@ def test_copying_keeps_many_guesses(smollm2_llm, engines):
     )
     assert kept > 10
     assert kept / drafts > 0.25  # 0.39 measured: the 135M model paraphrases as often as it copies
+
+
+def test_bfloat16_is_exact_with_batch_invariance(smollm2_path):
+    """In bf16 a (k + 1)-token verifying pass does not round like k + 1 one-token passes, so a
+    near tie can flip; batch_invariant=True makes every row's arithmetic independent of the
+    pass, and the outputs identical."""
+    from lamina import LLM
+
+    convs = [[{"role": "user", "content": f"Rewrite this text: {t}"}] for t in TEXTS]
+    params = SamplingParams(temperature=0, max_tokens=64)
+    outs = []
+    for spec in (None, {"num_speculative_tokens": 4, "disable_by_batch_size": None}):
+        llm = LLM(
+            str(smollm2_path),
+            dtype="bfloat16",
+            max_model_len=512,
+            batch_invariant=True,
+            speculative_config=spec,
+        )
+        outs.append([o.outputs[0].token_ids for o in llm.chat(convs, params, use_tqdm=False)])
+    assert outs[0] == outs[1]
+    assert llm.engine.stats.spec.num_accepted_tokens > 0
