@@ -21,6 +21,7 @@ from lamina.guided.backend import (
     GrammarBackend,
     GrammarMatcher,
     TokenizerInfo,
+    usable_cores,
 )
 from lamina.guided.spec import GuidedDecoding
 
@@ -96,7 +97,9 @@ class LLGuidanceBackend(GrammarBackend):
         self.tokenizer = llg.LLTokenizer(
             info.tokenizer_json, n_vocab=info.vocab_size, eos_token=list(info.eos_token_ids)
         )
-        self.executor = llg.LLExecutor()
+        # masks of a batch are filled on every usable core (llguidance's default takes 80%,
+        # one of two): in the sampler the model's threads are idle
+        self.executor = llg.LLExecutor(num_threads=usable_cores())
         self._compiled: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 

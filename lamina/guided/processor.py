@@ -11,7 +11,6 @@ Otherwise every mask is computed in the sampler call (all rows at once, by the b
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -20,7 +19,7 @@ import torch
 
 from lamina.engine.logits_processors import LogitsProcessor
 from lamina.engine.sequence import Sequence
-from lamina.guided.backend import GrammarBackend, bitmask_words
+from lamina.guided.backend import GrammarBackend, bitmask_words, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +34,7 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def free_core() -> bool:
     """Whether this process may use more cores than torch's threads take."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return cores > torch.get_num_threads()
+    return usable_cores() > torch.get_num_threads()
 
 
 class GrammarProcessor(LogitsProcessor):
