@@ -211,11 +211,26 @@ def spec_config(k: int, disable_by_batch_size: int | None) -> dict[str, Any]:
     }
 
 
-def make_configs(ks: list[int], batches: list[int]) -> dict[str, dict[str, Any]]:
-    """name -> {"spec": speculative_config or None, "k": k or 0, "batches": where it runs}."""
+def make_configs(
+    ks: list[int], batches: list[int], medusa: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """name -> {"spec": speculative_config or None, "k": k or 0, "batches": where it runs}.
+    `medusa`: a folder of trained heads, run with k = its number of heads, always on."""
     out: dict[str, dict[str, Any]] = {"none": {"spec": None, "k": 0, "batches": batches}}
     for k in ks:
         out[f"ngram_k{k}"] = {"spec": spec_config(k, None), "k": k, "batches": batches}
+    if medusa is not None:
+        heads = json.loads((Path(medusa) / "medusa_config.json").read_text())["num_heads"]
+        out[f"medusa_k{heads}"] = {
+            "spec": {
+                "method": "medusa",
+                "model": medusa,
+                "num_speculative_tokens": heads,
+                "disable_by_batch_size": None,
+            },
+            "k": heads,
+            "batches": batches,
+        }
     above = [b for b in batches if b > AUTO_LIMIT]  # at or below it, auto == forced
     if above:
         out[f"ngram_k{AUTO_K}_auto"] = {
@@ -567,6 +582,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=None, help="default 3 (--quick: 1)")
     ap.add_argument("--ks", default=None, help="comma-separated k values (default 2,4,6)")
+    ap.add_argument(
+        "--medusa",
+        default=None,
+        help="also run Medusa heads from this folder (lamina train-heads); results get a suffix",
+    )
     ap.add_argument("--batches", default=None, help="comma-separated (default 1,4,16)")
     ap.add_argument("--max-tokens", type=int, default=None, help="default 128 (--quick: 32)")
     ap.add_argument("--tasks", default="chat,rewrite")
@@ -586,7 +606,7 @@ def main() -> None:
         raise SystemExit(f"at most {len(PARAGRAPHS)} prompts per task: batch <= {len(PARAGRAPHS)}")
     torch.manual_seed(0)
     path = model_path(args.model)
-    configs = make_configs(ks, batches)
+    configs = make_configs(ks, batches, args.medusa)
     results: dict[str, Any] = {
         "environment": run_environment(),
         "model": Path(path).name,
@@ -696,6 +716,8 @@ def main() -> None:
         print(c["text"], flush=True)
     RESULTS.mkdir(exist_ok=True)
     stem = "speculative_quick" if args.quick else "speculative"
+    if args.medusa:
+        stem += "_medusa"
     write_outputs(results, RESULTS / f"{stem}.json")
 
 

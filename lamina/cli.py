@@ -319,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
     from lamina.commands.prune import add_prune_parser
     from lamina.commands.quantize import add_quantize_parser
+    from lamina.commands.train_heads import add_train_heads_parser
     from lamina.eval.perplexity import add_ppl_parser
     from lamina.server.cli import add_serve_parser
 
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ppl_parser(sub)
     add_quantize_parser(sub)
     add_prune_parser(sub)
+    add_train_heads_parser(sub)
     for command in sub.choices.values():
         add_debug_flag(command)
     return parser

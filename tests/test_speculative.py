@@ -74,8 +74,10 @@ def test_config_errors_name_the_key():
 
 
 def test_unknown_method_and_retention_policies_are_refused(folder):
-    with pytest.raises(ValueError, match="method='medusa' is not a proposer; accepted: ngram"):
-        LLM(str(folder), speculative_config={"method": "medusa"})
+    with pytest.raises(
+        ValueError, match="method='eagle' is not a proposer; accepted: medusa, ngram"
+    ):
+        LLM(str(folder), speculative_config={"method": "eagle"})
     with pytest.raises(ValueError, match="needs the dense KV cache"):
         LLM(str(folder), speculative_config=NGRAM, sliding_window=64, attention_sinks=4)
 
@@ -206,7 +208,7 @@ def test_kept_tokens_follow_the_target_distribution(folder, plain):
     likeliest token after (prompt, a). Given a first token a: the second token follows the
     target's distribution (whether the guess was kept or not), and given a then g (kept), so
     does the third, which comes from the guess's own row of the verifying pass."""
-    register_proposer("fixed-guess", lambda c: _GuessRunnerUp())
+    register_proposer("fixed-guess", lambda c, m: _GuessRunnerUp())
     prompt = [11, 12, 13, 14, 15]
     a = int(plain.engine.prompt_logits(prompt)[-1].argmax())
     after_a = plain.engine.prompt_logits([*prompt, a])[-1]

@@ -132,7 +132,9 @@ class LLMEngine:
                 f"speculative decoding needs the dense KV cache; the {self.policy.name} retention "
                 "policy cannot be combined with it (drop speculative_config, or the policy)"
             )
-        return Speculator(config, self.scheduler_config.max_model_len)
+        speculator = Speculator(config, self.scheduler_config.max_model_len, self.loaded.model)
+        self.output_processor.keep_hidden = speculator.proposer.needs_hidden
+        return speculator
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set(self.model_config.eos_token_ids)

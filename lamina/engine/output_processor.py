@@ -64,6 +64,9 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.generation_tokens = 0
         self.spec_stats = SpecStats()
+        # keep each sampling sequence's last hidden state (a proposer reads it: Medusa)
+        self.keep_hidden = False
+        self._hidden: tuple[torch.Tensor, list[int]] | None = None  # this step's, and rows
         # request kind -> which hidden rows it needs logits for (see engine/request.py)
         self._planners: dict[str, Planner] = {
             "sample": self._plan_sample,
@@ -122,6 +125,7 @@ class OutputProcessor:
         """Apply one step's logits (rows as planned) and return the outputs of the requests
         that advanced; finished requests are forgotten."""
         touched: dict[str, None] = {}
+        self._hidden = (hidden, plan.rows) if self.keep_hidden else None
         self._record_prompt_logprobs(plan.prompt_logprobs, logits)
         for rid in self._sample(plan.sample, logits):
             touched[rid] = None
@@ -186,6 +190,8 @@ class OutputProcessor:
                 req.token_times.append(now)
             self._append(seq, req, res)
             touched[seq.request_id] = None
+        for seq, pick in zip(seqs, picks):
+            self._keep_hidden(seq, pick)
         self.sampler.prepare([s for s in seqs if not s.is_finished])
         return list(touched)
 
@@ -218,6 +224,7 @@ class OutputProcessor:
             still = []
             for (seq, idx, guesses), res in zip(active, results):
                 self._append(seq, self.requests[seq.request_id], res)
+                self._keep_hidden(seq, idx[j])
                 if j < len(guesses) and res.token == guesses[j] and not seq.is_finished:
                     kept[seq.seq_id] += 1
                     still.append((seq, idx, guesses))
@@ -229,6 +236,12 @@ class OutputProcessor:
             else:
                 self.scheduler.settle_guesses(seq, kept[seq.seq_id])
         self.sampler.prepare([s for s, _ in rows if not s.is_finished])
+
+    def _keep_hidden(self, seq: Sequence, logits_index: int) -> None:
+        """Remember the hidden state whose logits gave `seq` its newest token."""
+        if self._hidden is not None and not seq.is_finished:
+            hidden, rows = self._hidden
+            seq.last_hidden = hidden[rows[logits_index]].clone()  # not a view of the step's
 
     def _fork_samples(self, req: Request, seq: Sequence) -> list[Sequence]:
         children = []

@@ -11,6 +11,7 @@ from typing import Any
 class SpeculativeConfig:
     """method: the proposer ("ngram": prompt lookup, continue the latest earlier occurrence of
         the output's last n-gram in prompt + output; others register in spec/speculator.py).
+    model: what the proposer loads ("medusa": the folder `lamina train-heads` wrote).
     num_speculative_tokens: tokens proposed per sequence and step (k); the target verifies
         k + 1 positions in one pass.
     prompt_lookup_max / prompt_lookup_min: the longest and shortest n-gram tried (longest
@@ -21,6 +22,7 @@ class SpeculativeConfig:
     """
 
     method: str = "ngram"
+    model: str | None = None
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
@@ -38,6 +40,11 @@ class SpeculativeConfig:
             raise ValueError(
                 f"speculative_config method={self.method!r} is invalid; give a proposer name "
                 "such as 'ngram'"
+            )
+        if self.method == "medusa" and not self.model:
+            raise ValueError(
+                'speculative_config method "medusa" needs "model": the folder of trained heads '
+                "(lamina train-heads --kind medusa)"
             )
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             positive(name)

@@ -11,6 +11,7 @@ from lamina.engine.sequence import Sequence
 
 class Proposer(ABC):
     name: str
+    needs_hidden = False  # True: the engine keeps each sequence's last hidden state for it
 
     @abstractmethod
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:

@@ -3,38 +3,50 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from lamina.engine.sequence import Sequence
 from lamina.spec.config import SpeculativeConfig
+from lamina.spec.medusa import MedusaHeads, MedusaProposer
 from lamina.spec.ngram import NgramProposer
 from lamina.spec.proposer import Proposer
 
-ProposerFactory = Callable[[SpeculativeConfig], Proposer]
+# (config, the target model) -> proposer
+ProposerFactory = Callable[[SpeculativeConfig, Any], Proposer]
+
+
+def _medusa(config: SpeculativeConfig, model: Any) -> Proposer:
+    c = model.config
+    heads = MedusaHeads.load(config.model or "", c.hidden_size, c.vocab_size)
+    return MedusaProposer(heads, model)
+
+
 _PROPOSERS: dict[str, ProposerFactory] = {
-    "ngram": lambda c: NgramProposer(c.prompt_lookup_max, c.prompt_lookup_min),
+    "ngram": lambda c, m: NgramProposer(c.prompt_lookup_max, c.prompt_lookup_min),
+    "medusa": _medusa,
 }
 
 
 def register_proposer(method: str, factory: ProposerFactory) -> None:
-    """Make `factory(config)` the proposer of `speculative_config={"method": method}`."""
+    """Make `factory(config, model)` the proposer of `speculative_config={"method": method}`."""
     _PROPOSERS[method] = factory
 
 
-def make_proposer(config: SpeculativeConfig) -> Proposer:
-    """The proposer the config names."""
+def make_proposer(config: SpeculativeConfig, model: Any) -> Proposer:
+    """The proposer the config names, for the target `model`."""
     if config.method not in _PROPOSERS:
         raise ValueError(
             f"speculative_config method={config.method!r} is not a proposer; accepted: "
             f"{', '.join(sorted(_PROPOSERS))}"
         )
-    return _PROPOSERS[config.method](config)
+    return _PROPOSERS[config.method](config, model)
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, model: Any) -> None:
         self.config = config
         self.max_model_len = max_model_len
-        self.proposer = make_proposer(config)
+        self.proposer = make_proposer(config, model)
 
     def room(self, seq: Sequence) -> int:
         """Guesses `seq` may take: the verified step also yields one token of its own, and

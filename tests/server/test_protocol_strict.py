@@ -84,15 +84,15 @@ def test_vllm_extras_are_accepted_but_not_their_misspellings(server):
 
 # (path, field, a value that asks for nothing, a value lamina would have to act on)
 UNIMPLEMENTED = [
-    ("/v1/chat/completions", "tools", [], [{"type": "function", "function": {"name": "f"}}]),
-    ("/v1/chat/completions", "tool_choice", "none", "required"),
-    ("/v1/chat/completions", "response_format", {"type": "text"}, {"type": "json_object"}),
+    ("/v1/chat/completions", "functions", [], [{"name": "f"}]),
+    ("/v1/chat/completions", "function_call", "none", {"name": "f"}),
+    ("/v1/chat/completions", "guided_decoding_backend", None, "xgrammar"),
     ("/v1/chat/completions", "use_beam_search", False, True),
     ("/v1/chat/completions", "store", False, True),
     ("/v1/chat/completions", "echo", False, True),
     ("/v1/completions", "use_beam_search", False, True),
     ("/v1/completions", "length_penalty", 1.0, 0.5),
-    ("/v1/completions", "guided_json", None, {"type": "object"}),
+    ("/v1/completions", "guided_whitespace_pattern", None, " "),
     ("/v1/completions", "prompt_logprobs", None, 1),
     ("/v1/completions", "priority", 0, 1),
     ("/v1/completions", "add_special_tokens", True, False),
