@@ -237,3 +237,46 @@ def test_kept_tokens_follow_the_target_distribution(folder, plain):
     assert llm.engine.stats.spec.num_accepted_tokens == len(third)  # each kept guess is one
     assert _chi_square_p(second, after_a) > 1e-3
     assert _chi_square_p(third, after_ag) > 1e-3
+
+
+# ---- who speculates under load -----------------------------------------------------------
+class _Always(Proposer):
+    name = "always"
+
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
+        return [[7] * k for k in num_tokens]
+
+
+def _decoding(n: int) -> list[Sequence]:
+    seqs = [Sequence(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=50)) for i in range(n)]
+    for s in seqs:
+        s.num_computed_tokens = s.num_tokens - 1
+    return seqs
+
+
+def test_under_load_only_sequences_whose_guesses_are_kept_speculate():
+    from lamina.spec.speculator import PROBE_EVERY, Speculator
+
+    register_proposer("always", lambda c, m: _Always())
+    config = SpeculativeConfig(method="always", num_speculative_tokens=3, disable_by_batch_size=2)
+    spec = Speculator(config, 1000, model=None)
+    a, b, c = seqs = _decoding(3)
+    spec.propose(seqs)
+    assert all(s.spec_tokens == [7, 7, 7] for s in seqs)  # all tried once (optimistic start)
+    for _ in range(2):  # a's guesses kept, b's and c's not
+        a.spec_result, b.spec_result, c.spec_result = (3, 3), (3, 0), (3, 0)
+        spec.propose(seqs)
+    assert (a.spec_tokens, b.spec_tokens, c.spec_tokens) == ([7, 7, 7], [], [])
+    for _ in range(PROBE_EVERY - 1):
+        a.spec_result = (3, 3)
+        spec.propose(seqs)
+    assert b.spec_tokens == [7, 7, 7]  # retried after PROBE_EVERY idle steps
+    spec.propose(seqs[:2])  # at most disable_by_batch_size decoding: everyone speculates
+    assert b.spec_tokens == [7, 7, 7]
+    strict = Speculator(
+        SpeculativeConfig(method="always", disable_by_batch_size=2, min_acceptance=None), 1000, None
+    )
+    strict.propose(seqs)
+    assert all(not s.spec_tokens for s in seqs)
+    with pytest.raises(ValueError, match=r"min_acceptance=1\.5 is invalid"):
+        SpeculativeConfig(min_acceptance=1.5)

@@ -231,6 +231,7 @@ class OutputProcessor:
             active, j = still, j + 1
         for seq, _ in rows:
             self.spec_stats.record(len(seq.spec_tokens), kept[seq.seq_id])
+            seq.spec_result = (len(seq.spec_tokens), kept[seq.seq_id])
             if seq.is_finished:
                 seq.spec_tokens.clear()
             else:

@@ -97,6 +97,7 @@ class Sequence:
     # speculative decoding: tokens guessed to follow, fed this step after the real ones and
     # verified from their logits (never part of token_ids until accepted)
     spec_tokens: list[int] = field(default_factory=list)
+    spec_result: tuple[int, int] | None = None  # (guessed, kept) of its last verification
     # the final hidden state of the row that gave the newest token, kept only for proposers
     # that read it (Medusa heads)
     last_hidden: torch.Tensor | None = None

@@ -16,9 +16,11 @@ class SpeculativeConfig:
         k + 1 positions in one pass.
     prompt_lookup_max / prompt_lookup_min: the longest and shortest n-gram tried (longest
         first; a single token recurs too often by chance to be worth verifying).
-    disable_by_batch_size: no speculation in a step where more sequences than this are
-        decoding (a full batch already uses the machine; verifying guesses would only add
-        work); None: always speculate.
+    disable_by_batch_size: in a step where more sequences than this decode (a busy batch,
+        where verifying guesses slows every step), only sequences whose recent guesses were
+        mostly kept speculate; None: every sequence always speculates.
+    min_acceptance: under that load, the recent acceptance rate a sequence needs to go on
+        speculating (spec/speculator.py); None: nobody speculates under load.
     """
 
     method: str = "ngram"
@@ -27,6 +29,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     disable_by_batch_size: int | None = 2
+    min_acceptance: float | None = 0.6
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -55,6 +58,15 @@ class SpeculativeConfig:
             )
         if self.disable_by_batch_size is not None:
             positive("disable_by_batch_size")
+        if self.min_acceptance is not None and (
+            isinstance(self.min_acceptance, bool)
+            or not isinstance(self.min_acceptance, (int, float))
+            or not 0 <= self.min_acceptance <= 1
+        ):
+            raise ValueError(
+                f"speculative_config min_acceptance={self.min_acceptance!r} is invalid; it must be "
+                "in [0, 1] or None"
+            )
 
     @classmethod
     def from_value(

@@ -42,11 +42,24 @@ def make_proposer(config: SpeculativeConfig, model: Any) -> Proposer:
     return _PROPOSERS[config.method](config, model)
 
 
+PROBE_EVERY = 16  # steps between retries of a sequence whose guesses were not worth it
+EMA = 0.3  # weight of the newest verification in a sequence's acceptance estimate
+
+
 class Speculator:
+    """Each step: who speculates. At most `disable_by_batch_size` decoding sequences, all of
+    them; beyond that (a busy batch, where verifying guesses slows every step), only those
+    whose own recent guesses were mostly kept (`min_acceptance`): each sequence's acceptance
+    rate is tracked (an exponential average over its verifications, starting optimistic, so
+    every sequence is tried once), and one that falls below is retried every PROBE_EVERY steps.
+    Copying outputs keep speculating under load; chat-like ones stop."""
+
     def __init__(self, config: SpeculativeConfig, max_model_len: int, model: Any) -> None:
         self.config = config
         self.max_model_len = max_model_len
         self.proposer = make_proposer(config, model)
+        self._rate: dict[int, float] = {}  # seq_id -> recent acceptance rate
+        self._idle: dict[int, int] = {}  # seq_id -> steps since it last speculated
 
     def room(self, seq: Sequence) -> int:
         """Guesses `seq` may take: the verified step also yields one token of its own, and
@@ -62,10 +75,39 @@ class Speculator:
         only), or clear them all when the batch is too large to gain."""
         for seq in running:
             seq.spec_tokens = []
+            self._learn(seq)
         decoding = [s for s in running if s.num_computed_tokens == s.num_tokens - 1]
         limit = self.config.disable_by_batch_size
-        if not decoding or (limit is not None and len(decoding) > limit):
+        if limit is not None and len(decoding) > limit:
+            decoding = [s for s in decoding if self._worth_it(s)]
+        live = {s.seq_id for s in running}
+        for table in (self._rate, self._idle):
+            for seq_id in [i for i in table if i not in live]:
+                del table[seq_id]
+        if not decoding:
             return
         room = [self.room(s) for s in decoding]
         for seq, k, guess in zip(decoding, room, self.proposer.propose(decoding, room)):
             seq.spec_tokens = list(guess[:k])
+            if seq.spec_tokens:
+                self._idle[seq.seq_id] = 0
+
+    def _learn(self, seq: Sequence) -> None:
+        """Fold the sequence's last verification (if any) into its acceptance rate."""
+        self._idle[seq.seq_id] = self._idle.get(seq.seq_id, 0) + 1
+        if seq.spec_result is None:
+            return
+        proposed, kept = seq.spec_result
+        seq.spec_result = None
+        if proposed:
+            old = self._rate.get(seq.seq_id, 1.0)
+            self._rate[seq.seq_id] = (1 - EMA) * old + EMA * kept / proposed
+
+    def _worth_it(self, seq: Sequence) -> bool:
+        """Under load: whether `seq` speculates this step."""
+        floor = self.config.min_acceptance
+        if floor is None:
+            return False
+        return (
+            self._rate.get(seq.seq_id, 1.0) >= floor or self._idle.get(seq.seq_id, 0) >= PROBE_EVERY
+        )
