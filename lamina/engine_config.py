@@ -154,7 +154,7 @@ class EngineConfig:
         None,
         "speculative decoding, as JSON or a dict: "
         '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
-        '"prompt_lookup_min": 2, "disable_by_batch_size": 2, "min_acceptance": 0.6} (prompt '
+        '"prompt_lookup_min": 2, "disable_by_batch_size": 2, "min_acceptance": null} (prompt '
         'lookup; or {"method": "medusa", "model": HEADS_DIR}); lossless',
     )
     guided_decoding_backend: str = _opt(

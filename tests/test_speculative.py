@@ -258,7 +258,9 @@ def test_under_load_only_sequences_whose_guesses_are_kept_speculate():
     from lamina.spec.speculator import PROBE_EVERY, Speculator
 
     register_proposer("always", lambda c, m: _Always())
-    config = SpeculativeConfig(method="always", num_speculative_tokens=3, disable_by_batch_size=2)
+    config = SpeculativeConfig(
+        method="always", num_speculative_tokens=3, disable_by_batch_size=2, min_acceptance=0.6
+    )
     spec = Speculator(config, 1000, model=None)
     a, b, c = seqs = _decoding(3)
     spec.propose(seqs)
@@ -273,9 +275,7 @@ def test_under_load_only_sequences_whose_guesses_are_kept_speculate():
     assert b.spec_tokens == [7, 7, 7]  # retried after PROBE_EVERY idle steps
     spec.propose(seqs[:2])  # at most disable_by_batch_size decoding: everyone speculates
     assert b.spec_tokens == [7, 7, 7]
-    strict = Speculator(
-        SpeculativeConfig(method="always", disable_by_batch_size=2, min_acceptance=None), 1000, None
-    )
+    strict = Speculator(SpeculativeConfig(method="always", disable_by_batch_size=2), 1000, None)
     strict.propose(seqs)
     assert all(not s.spec_tokens for s in seqs)
     with pytest.raises(ValueError, match=r"min_acceptance=1\.5 is invalid"):

@@ -48,11 +48,11 @@ EMA = 0.3  # weight of the newest verification in a sequence's acceptance estima
 
 class Speculator:
     """Each step: who speculates. At most `disable_by_batch_size` decoding sequences, all of
-    them; beyond that (a busy batch, where verifying guesses slows every step), only those
-    whose own recent guesses were mostly kept (`min_acceptance`): each sequence's acceptance
-    rate is tracked (an exponential average over its verifications, starting optimistic, so
-    every sequence is tried once), and one that falls below is retried every PROBE_EVERY steps.
-    Copying outputs keep speculating under load; chat-like ones stop."""
+    them; beyond that (a busy batch, where verifying guesses slows every step), nobody, or with
+    `min_acceptance` only those whose own recent guesses were mostly kept: each sequence's
+    acceptance rate is tracked (an exponential average over its verifications, starting
+    optimistic, so every sequence is tried once), and one that falls below is retried every
+    PROBE_EVERY steps."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int, model: Any) -> None:
         self.config = config
