@@ -40,6 +40,19 @@ def test_split_k_merge_does_not_change_the_result_and_long_contexts_work():
         )
 
 
+def test_short_chunks_over_a_cache_join_the_batched_decode_path():
+    """A verifying sequence's 1 + k tokens (and a prompt's short last chunk) are attended as
+    rows of the batched decode path, each row's context ending at itself; a first chunk and a
+    long one go one by one; all equal the float64 truth."""
+    shapes = [(50, 5), (9, 1), (12, 12), (300, 9), (20, 8)]
+    case = build_case(6, 2, 64, 4, shapes)
+    meta = case[2]
+    assert meta.batched_ids == [0, 1, 4]
+    assert meta.chunk_ids == [2, 3]
+    got = run(TorchAttentionBackend(), case)
+    torch.testing.assert_close(got, truth(case[3], case[1], case[2], 0.125), atol=2e-5, rtol=0)
+
+
 def test_tree_masks_on_both_backends():
     case = build_case(6, 2, 64, 4, [(21, 5), (9, 1), (5, 5)])
     parent = [-1, 0, 0, 1, 2]

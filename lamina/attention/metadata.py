@@ -12,6 +12,10 @@ from lamina.kv.retention import RetentionAttention
 # batched decode pads every context to its bucket's longest, so mixed lengths are split into a
 # few buckets instead of all being padded to the longest of the batch.
 DECODE_BUCKET_SPAN = 2.0
+# A chunk of at most this many new tokens over cached context (a sequence verifying guessed
+# tokens, a prompt's short last chunk) joins the batched decode path, one row per token: token
+# j of the chunk is a decode query whose context ends at itself, which is the causal mask.
+SHORT_CHUNK = 8
 
 
 @dataclass
@@ -77,8 +81,12 @@ class AttentionMetadata:
     # Indices (into the batch) of decode sequences (query_len == 1) and of the others.
     decode_ids: list[int]
     prefill_ids: list[int]
-    # For the batched decode path: decode sequences bucketed by context length.
+    # For the batched decode path: the sequences it takes (decode ones and short chunks over
+    # cached context, SHORT_CHUNK), their token rows bucketed by context length; the others
+    # (`chunk_ids`) are attended one by one.
     decode_buckets: list[DecodeBucket] | None = None
+    batched_ids: list[int] | None = None
+    chunk_ids: list[int] | None = None
     # What a retention policy adds (StreamingLLM's window, H2O's kept slots), or None (dense).
     retention: RetentionAttention | None = None
     # Per sequence, a [query_len, query_len] bool mask among its new tokens (True: may attend)
@@ -137,13 +145,33 @@ class AttentionMetadata:
             decode_ids=decode_ids,
             prefill_ids=prefill_ids,
         )
-        if decode_ids:
-            meta.decode_buckets = decode_buckets(
-                [starts[i] for i in decode_ids],
-                [context_lens[i] for i in decode_ids],
-                meta.block_tables[decode_ids],
-                block_size,
-                pos,
-                device,
-            )
+        meta.batch_rows(
+            [
+                i
+                for i, (q, c) in enumerate(zip(query_lens, context_lens))
+                if q == 1 or (q <= SHORT_CHUNK and c > q)
+            ],
+            device,
+        )
         return meta
+
+    def batch_rows(self, ids: list[int], device: torch.device | str = "cpu") -> None:
+        """Attend sequences `ids` in the batched decode path (one row per new token), the
+        others one by one."""
+        rows: list[int] = []
+        contexts: list[int] = []
+        owners: list[int] = []
+        for i in ids:
+            qlen, ctx, start = self.query_lens[i], self.context_lens[i], self.query_starts[i]
+            rows.extend(range(start, start + qlen))
+            contexts.extend(range(ctx - qlen + 1, ctx + 1))
+            owners.extend([i] * qlen)
+        taken = set(ids)
+        self.batched_ids = list(ids)
+        self.chunk_ids = [i for i in range(self.num_seqs) if i not in taken]
+        self.decode_buckets = None
+        if rows:
+            total = sum(self.query_lens)
+            self.decode_buckets = decode_buckets(
+                rows, contexts, self.block_tables[owners], self.block_size, total, device
+            )

@@ -85,8 +85,9 @@ def _decode(
     groups: int,
     out: torch.Tensor,
 ) -> None:
-    """Single-token queries, a bucket of similar context lengths at a time (metadata.py), over
-    their gathered, padded and masked contexts.
+    """Single-token query rows (decode tokens, and each token of a short chunk over cached
+    context, whose context ends at itself), a bucket of similar context lengths at a time
+    (metadata.py), over their gathered, padded and masked contexts.
 
     Whole blocks are gathered with one index_select (block-sized contiguous rows). The query
     heads that share a KV head are laid out as that head's "query positions", so no KV head is
@@ -218,8 +219,13 @@ class TorchAttentionBackend(AttentionBackend):
             for i in range(meta.num_seqs):
                 per_sequence(q, cache, meta, meta.retention, i, scale, groups, out, rotary)
             return out
-        if meta.decode_ids:
+        if meta.tree_masks is not None and meta.batched_ids is not None:
+            tree = {i for i, m in enumerate(meta.tree_masks) if m is not None}
+            if tree & {i for i in meta.batched_ids if meta.query_lens[i] > 1}:
+                # a tree mask is not causal: those sequences go one by one (once per step)
+                meta.batch_rows([i for i in meta.batched_ids if i not in tree], q.device)
+        if meta.decode_buckets:
             _decode(q, cache, meta, scale, groups, out)
-        for i in meta.prefill_ids:
+        for i in meta.chunk_ids if meta.chunk_ids is not None else meta.prefill_ids:
             _prefill(q, k, v, cache, meta, i, scale, groups, out)
         return out
