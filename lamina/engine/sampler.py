@@ -65,7 +65,6 @@ class Sampler:
     ) -> None:
         """`processors`: the logits-processor stage; by default the built-in ones
         (`default_processors`)."""
-        self.eos_token_ids = list(eos_token_ids)
         self.processors = (
             default_processors(eos_token_ids) if processors is None else list(processors)
         )

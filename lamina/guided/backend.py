@@ -10,7 +10,6 @@ own thread pool. lamina ships `llguidance` (guided/llguidance_backend.py); anoth
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,14 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from lamina.guided.spec import GuidedDecoding
-
-
-def usable_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def bitmask_words(vocab_size: int) -> int:

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
+from lamina.cpu import usable_cores
 from lamina.guided.backend import (
     GrammarBackend,
     GrammarMatcher,
     TokenizerInfo,
-    usable_cores,
 )
 from lamina.guided.spec import GuidedDecoding
 

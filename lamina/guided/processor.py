@@ -17,9 +17,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from lamina.cpu import usable_cores
 from lamina.engine.logits_processors import LogitsProcessor
 from lamina.engine.sequence import Sequence
-from lamina.guided.backend import GrammarBackend, bitmask_words, usable_cores
+from lamina.guided.backend import GrammarBackend, bitmask_words
 
 log = logging.getLogger(__name__)
 

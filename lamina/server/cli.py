@@ -192,8 +192,9 @@ def serving_threads(requested: int | None) -> int:
         import torch
 
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1)
+    from lamina.cpu import usable_cores
+
+    return max(1, usable_cores() - 1)
 
 
 # Entries each of oneDNN's primitive cache and ideep's per-thread cache of GEMM primitives may
