@@ -32,7 +32,8 @@ UNBOUNDED_MAX_MODEL_LEN = 1 << 20  # StreamingLLM / H2O: the cache no longer bou
 def _opt(default: Any, help: str, **meta: Any) -> Any:
     """A field with its CLI metadata. Keys besides help: `min` (integer lower bound),
     `choices` (accepted values besides a None default), `flags` (the CLI spellings, when not
-    `--kebab-name`), `negated_help` (help of the `--no-xxx` flag of a True boolean)."""
+    `--kebab-name`), `negated_help` (help of the `--no-xxx` flag of a True boolean), `const`
+    (the value of the flag given alone)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -60,10 +61,13 @@ class EngineConfig:
       and chat are refused with an error saying so; outputs carry token_ids and text "" (vLLM's
       detokenize=False, implied); EOS comes from config.json / generation_config.json (or the
       GGUF metadata), and stop_token_ids work. It cannot be combined with tokenizer.
-    - batch_invariant: greedy and seeded outputs then depend only on the request (its prompt,
-      its parameters, its seed), never on what else runs; it needs the "exact" attention
-      backend (a C++ kernel built on first use; attention_backend must be auto or exact),
-      dense causal attention (no sliding_window / attention_sinks / H2O) and float weights.
+    - batch_invariant ("auto" by default; "on" / True, "off" / False): greedy and seeded
+      outputs then depend only on the request (its prompt, its parameters, its seed), never on
+      what else runs. It needs the "exact" attention backend (a C++ kernel for the CPU, built
+      on first use; attention_backend must be auto or exact), dense causal attention (no
+      sliding_window / attention_sinks / H2O) and float weights: "auto" turns it on when all
+      hold and otherwise runs without it (logged), "on" refuses the rest with an error.
+      `LLM(...).engine.batch_invariant` says which.
     - enforce_eager and gpu_memory_utilization exist so vLLM scripts run unchanged; neither
       changes anything (no graphs are captured; the KV budget is kv_cache_bytes or
       num_kv_blocks).
@@ -144,11 +148,14 @@ class EngineConfig:
         "attention implementation: auto picks the fastest correct one for the device; torch is "
         "the plain-PyTorch reference",
     )
-    batch_invariant: bool = _opt(
-        False,
+    batch_invariant: bool | str = _opt(
+        "auto",
         "bit-identical tokens whatever a request is batched with, after preemption and under "
-        "any chunking, in every dtype (the exact attention kernel, GEMMs over >= 2 rows); "
-        "costs throughput (README)",
+        "any chunking, in every dtype (the exact attention kernel, GEMMs over >= 2 rows): auto "
+        "turns it on wherever the model and settings allow (and logs why not elsewhere), on "
+        "refuses settings it cannot make invariant, off never uses it",
+        choices=("auto", "on", "off", True, False),
+        const="on",
     )
     speculative_config: str | dict[str, Any] | None = _opt(
         None,
@@ -331,8 +338,10 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
         raise ValueError(
             f"{f.name}={value!r} is invalid; it must be an integer >= {meta['min']}{none}"
         )
-    if "choices" in meta and value not in meta["choices"]:
-        accepted = [*(["None"] if f.default is None else []), *meta["choices"]]
+    if "choices" in meta and not any(
+        value == c and type(value) is type(c) for c in meta["choices"]
+    ):
+        accepted = [*(["None"] if f.default is None else []), *map(str, meta["choices"])]
         raise ValueError(f"unknown {f.name} {value!r}; accepted: {', '.join(accepted)}")
 
 
@@ -417,6 +426,8 @@ def _add_flag(parser: Any, f: dataclasses.Field[Any], hint: Any) -> None:
         )
         return
     kwargs: dict[str, Any] = {"type": _cli_type(hint), "default": f.default, "help": meta["help"]}
-    if "choices" in meta:
-        kwargs["choices"] = list(meta["choices"])
+    if "choices" in meta:  # the command line spells only text choices
+        kwargs["choices"] = [c for c in meta["choices"] if isinstance(c, str)]
+    if "const" in meta:  # the flag alone means `const`
+        kwargs.update(nargs="?", const=meta["const"])
     parser.add_argument(*(meta.get("flags") or (kebab,)), dest=f.name, **kwargs)

@@ -60,8 +60,11 @@ def test_int8_generation_close_to_float(tiny_model_factory):
 
 @pytest.mark.slow
 def test_int8_kv_on_smollm2(smollm2_path):
+    """Greedy int8-KV output follows the dense one until a near tie: where they part, the
+    int8 run's token was within 0.15 nats of the dense run's choice (SmolLM2 has a tie at the
+    5th token of this prompt that bf16 rounding alone can flip)."""
     prompt = "The history of the Roman Empire begins with"
-    params = SamplingParams(temperature=0, max_tokens=32, logprobs=1)
+    params = SamplingParams(temperature=0, max_tokens=32, logprobs=3)
     outs = {
         kv: LLM(str(smollm2_path), kv_cache_dtype=kv, max_model_len=256)
         .generate(prompt, params, use_tqdm=False)[0]
@@ -72,4 +75,10 @@ def test_int8_kv_on_smollm2(smollm2_path):
     same = next(
         (i for i, (a, b) in enumerate(zip(f.token_ids, q.token_ids)) if a != b), len(f.token_ids)
     )
-    assert same >= 16
+    for i in range(same):
+        dense, quant = f.logprobs[i][f.token_ids[i]].logprob, q.logprobs[i][q.token_ids[i]].logprob
+        assert abs(dense - quant) < 0.15
+    if same < len(f.token_ids):
+        top = f.logprobs[same]
+        assert q.token_ids[same] in top, "int8 KV chose a token outside the dense top 3"
+        assert top[f.token_ids[same]].logprob - top[q.token_ids[same]].logprob < 0.15

@@ -15,6 +15,7 @@ import torch
 
 from lamina.attention.registry import select_attention_backend
 from lamina.config import CacheConfig, SchedulerConfig
+from lamina.engine.batch_invariance import resolve_batch_invariance
 from lamina.engine.beam_search import BeamGroup
 from lamina.engine.logits_processors import default_processors
 from lamina.engine.model_runner import ModelRunner
@@ -29,7 +30,7 @@ from lamina.guided.compiler import GrammarCompiler
 from lamina.kv.block_manager import BlockManager
 from lamina.kv.cache import KVCache, num_blocks_for
 from lamina.kv.registry import retention_policy_for
-from lamina.kv.retention import RetentionAttention, RetentionPolicy
+from lamina.kv.retention import RetentionPolicy
 from lamina.loading.loader import LoadedModel
 from lamina.loading.tokenizer import Tokenizer
 from lamina.outputs import RequestOutput
@@ -49,7 +50,7 @@ class LLMEngine:
         attention_backend: str = "auto",
         retention_policy: RetentionPolicy | None = None,
         seed: int | None = None,
-        batch_invariant: bool = False,
+        batch_invariant: bool | str = "auto",
         guided_decoding_backend: str = "llguidance",
         speculative_config: SpeculativeConfig | None = None,
     ) -> None:
@@ -57,7 +58,8 @@ class LLMEngine:
         own); `attention_backend` is a registered backend name or "auto". `seed`: requests
         without their own seed get one derived from (seed, their arrival number among the
         requests added with `add_request`), so a rerun samples the same (EngineConfig.seed).
-        `batch_invariant`: outputs independent of the batch (EngineConfig.batch_invariant).
+        `batch_invariant`: "auto" / "on" / "off" (or a bool): outputs independent of the
+        batch (EngineConfig.batch_invariant; `self.batch_invariant` says whether it is on).
         `guided_decoding_backend`: the registered grammar backend (lamina/guided/registry.py).
         `speculative_config`: guess tokens and verify them in the batch (lamina/spec/)."""
         self.loaded = loaded
@@ -93,11 +95,10 @@ class LLMEngine:
             loaded.model.dtype,
             kv_cache_dtype=cc.kv_cache_dtype,
         )
-        if batch_invariant:
-            attention_backend = _batch_invariant_backend(
-                attention_backend, loaded, self.policy.attention_kind
-            )
-            loaded.model.set_batch_invariant(True)
+        self.batch_invariant, attention_backend = resolve_batch_invariance(
+            batch_invariant, attention_backend, loaded.model, self.policy.attention_kind
+        )
+        loaded.model.set_batch_invariant(self.batch_invariant)
         backend = select_attention_backend(
             attention_backend, loaded.model.embed_tokens.device, self.policy.attention_kind
         )
@@ -412,27 +413,3 @@ class LLMEngine:
             self.scheduler, self.output_processor.generation_tokens, batch, t3 - t0, t2 - t1
         )
         return outputs
-
-
-def _batch_invariant_backend(
-    requested: str, loaded: LoadedModel, retention: type[RetentionAttention] | None
-) -> str:
-    """The attention backend batch-invariant mode runs ("exact"), after refusing what it
-    cannot make invariant."""
-    if requested not in ("auto", "exact"):
-        raise ValueError(
-            f"batch_invariant runs the 'exact' attention backend; attention_backend="
-            f"{requested!r} cannot be combined with it (give auto or exact)"
-        )
-    if retention is not None:
-        raise ValueError(
-            "batch_invariant needs dense attention; sliding_window / attention_sinks (StreamingLLM)"
-            " and H2O cannot be combined with it"
-        )
-    model = loaded.model
-    if model.quant_config is not None or model.gguf_native or model.awq_native:
-        raise ValueError(
-            "batch_invariant is made and tested for float weights; this model is quantized "
-            "(load it without quantization, or drop batch_invariant)"
-        )
-    return "exact"

@@ -1,7 +1,8 @@
-"""batch_invariant=True: a request's greedy and seeded tokens do not depend on what it is
-batched with, on how its prompt is chunked, or on preemption (its recomputation prefills tokens
-that were decoded), in the default dtype too. Checked on the tiny model in float32 and
-bfloat16 and, for the truth, on SmolLM2 with 16 concurrent requests."""
+"""Batch invariance ("auto", the default, turns it on where it can): a request's greedy and
+seeded tokens do not depend on what it is batched with, on how its prompt is chunked, or on
+preemption (its recomputation prefills tokens that were decoded), in the default dtype too.
+Checked on the tiny model in float32 and bfloat16 and, for the truth, on SmolLM2 with 16
+concurrent requests."""
 
 from __future__ import annotations
 
@@ -33,13 +34,14 @@ def _tokens(llm: LLM, prompts: list, params: SamplingParams) -> list[list[int]]:
 def assert_invariant(path: str, prompts: list, max_tokens: int, **settings) -> None:
     """Each prompt alone, all of them at once with small prefill chunks, and all at once in a
     cache so small that sequences are preempted and recomputed: the same tokens."""
-    alone_llm = LLM(path, batch_invariant=True, **settings)
+    alone_llm = LLM(path, **settings)
+    assert alone_llm.engine.batch_invariant  # the default turns it on for float weights
     tok = alone_llm.get_tokenizer()
     longest = max(len(tok.encode(p)) for p in prompts) + max_tokens
     settings["max_model_len"] = 16 * -(-longest // 16)
-    crowded = LLM(path, batch_invariant=True, max_num_batched_tokens=24, **settings)
+    crowded = LLM(path, batch_invariant="on", max_num_batched_tokens=24, **settings)
     blocks = 3 * settings["max_model_len"] // 16  # three sequences' worth
-    starved = LLM(path, batch_invariant=True, num_kv_blocks=blocks, **settings)
+    starved = LLM(path, num_kv_blocks=blocks, **settings)
     for params in _params(max_tokens):
         alone = [_tokens(alone_llm, [p], params)[0] for p in prompts]
         assert _tokens(crowded, prompts, params) == alone
@@ -68,3 +70,27 @@ def test_combinations_it_cannot_make_invariant_are_refused(tiny_model_factory):
         LLM(folder, batch_invariant=True, attention_sinks=4, sliding_window=16)
     with pytest.raises(ValueError, match="batch_invariant needs dense attention"):
         LLM(folder, batch_invariant=True, h2o_heavy=8, h2o_recent=8)
+
+
+def test_auto_runs_without_it_where_it_cannot_be_on(tiny_model_factory, monkeypatch, caplog):
+    folder = str(tiny_model_factory("llama_gqa")[0])
+    for settings in (
+        {"attention_backend": "torch"},
+        {"attention_sinks": 4, "sliding_window": 16},
+        {"h2o_heavy": 8, "h2o_recent": 8},
+        {"batch_invariant": "off"},
+        {"batch_invariant": False},
+    ):
+        engine = LLM(folder, **settings).engine
+        assert not engine.batch_invariant, settings
+        assert engine.runner.backend.name != "exact", settings
+        assert engine.loaded.model.min_rows == 1
+    monkeypatch.setattr(
+        ExactAttentionBackend, "unavailable_reason", classmethod(lambda cls, d: "no compiler")
+    )
+    with caplog.at_level("INFO", logger="lamina.engine.batch_invariance"):
+        assert not LLM(folder).engine.batch_invariant
+    assert "batch invariance is off" in caplog.text
+    assert "no compiler" in caplog.text
+    with pytest.raises(ValueError, match="not available on cpu: no compiler"):
+        LLM(folder, batch_invariant="on")
